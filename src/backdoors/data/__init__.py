@@ -1,0 +1,8 @@
+"""Tasks and datasets. Importing this package registers every task in TASKS."""
+
+from backdoors.data import digits, synthetic  # noqa: F401
+from backdoors.data.dataset import ArrayDataset, Dataset
+from backdoors.data.loader import Loader
+from backdoors.data.task import TASKS, Task
+
+__all__ = ["TASKS", "ArrayDataset", "Dataset", "Loader", "Task"]

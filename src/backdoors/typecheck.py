@@ -1,0 +1,72 @@
+"""Check config values (plain YAML data) against constructor type hints."""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from typing import Any, Literal, Union, get_args, get_origin
+
+
+def type_hints(component: Any) -> dict[str, Any]:
+    """Type hints of a class's __init__ or of a function; {} when they cannot be resolved."""
+    target = component.__init__ if inspect.isclass(component) else component
+    try:
+        return typing.get_type_hints(target)
+    except Exception:  # noqa: BLE001 - unresolved forward references: skip type checks
+        return {}
+
+
+def matches_type(value: Any, hint: Any) -> bool:
+    """True when a YAML-shaped value fits the hint. Ints are accepted for floats."""
+    if hint is Any or hint is inspect.Parameter.empty:
+        return True
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(matches_type(value, h) for h in get_args(hint))
+    if origin is Literal:
+        return value in get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, typing.Sequence) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        args = get_args(hint)
+        if not args:
+            return True
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            return len(args) == len(value) and all(map(matches_type, value, args))
+        return all(matches_type(v, args[0]) for v in value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            return False
+        args = get_args(hint)
+        return not args or all(
+            matches_type(k, args[0]) and matches_type(v, args[1]) for k, v in value.items()
+        )
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def type_name(hint: Any) -> str:
+    """A readable name for a type hint, as used in error messages."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(type_name(h) for h in get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(hint))
+    if hint is type(None):
+        return "null"
+    if origin is not None:
+        return {list: "a list", tuple: "a list", dict: "a mapping"}.get(origin, str(hint))
+    names = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
