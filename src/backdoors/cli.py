@@ -1,0 +1,138 @@
+"""The `backdoors` command: train, validate, list, show.
+
+Usage and config errors print one line on stderr and exit with code 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from backdoors.errors import BackdoorsError
+
+LISTABLE = ("tasks", "models", "synthesizers", "attacks", "balancers", "loss_terms")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise SystemExit(_fail(f"{self.prog}: {message}"))
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="backdoors", description="Backdoor attacks and defenses for deep learning.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a model under attack (or resume a run)")
+    t.add_argument("config", nargs="?", help="YAML config (native or Backdoors 101 flat file)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=0.1 (repeatable)")
+    t.add_argument("--out", default="runs", help="parent folder of run folders (default runs/)")
+    t.add_argument("--name", help="run folder name (must not exist); default NAME-TIMESTAMP")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    t.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+
+    v = sub.add_parser("validate", help="check config files without loading data")
+    v.add_argument("files", nargs="+")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    ls = sub.add_parser("list", help="list registered components")
+    ls.add_argument("what", choices=LISTABLE)
+
+    s = sub.add_parser("show", help="print a run's summary")
+    s.add_argument("run_dir")
+    return p
+
+
+def _train(args: argparse.Namespace) -> int:
+    from backdoors.config import load_config
+    from backdoors.experiment import Interrupted, resume, run
+
+    try:
+        if args.resume:
+            if args.config or args.overrides or args.name:
+                return _fail("--resume takes no config, --set or --name (the run keeps its own)")
+            summary = resume(args.resume, quiet=args.quiet)
+        else:
+            if not args.config:
+                return _fail("train needs a CONFIG file (or --resume RUN_DIR)")
+            config = load_config(args.config, args.overrides)
+            summary = run(config, out=args.out, name=args.name, quiet=args.quiet)
+    except Interrupted as stop:
+        print(f"interrupted; resume with: backdoors train --resume {stop.run_dir}",
+              file=sys.stderr)
+        return 130
+    print(_summary_line(summary))
+    return 0
+
+
+def _summary_line(summary: dict) -> str:
+    def pct(key: str) -> str:
+        v = summary.get(key)
+        return "n/a" if v is None else f"{100 * v:.2f}%"
+
+    return (f"{summary['status']}: clean accuracy {pct('clean_accuracy')}, ASR {pct('asr')}, "
+            f"robust accuracy {pct('robust_accuracy')}, backdoor accuracy (all) "
+            f"{pct('backdoor_accuracy')} -> {summary['run_dir']}")
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from backdoors.config import load_config
+    from backdoors.experiment import build
+
+    for path in args.files:
+        try:
+            build(load_config(path, args.overrides))
+        except BackdoorsError as exc:
+            return _fail(f"{path}: {exc}")
+        print(f"ok: {path}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    import backdoors.attacks as attacks
+    from backdoors.data import TASKS
+    from backdoors.models import MODELS
+    from backdoors.synthesizers import SYNTHESIZERS
+
+    registry = {"tasks": TASKS, "models": MODELS, "synthesizers": SYNTHESIZERS,
+                "attacks": attacks.ATTACKS, "balancers": attacks.BALANCERS,
+                "loss_terms": attacks.LOSS_TERMS}[args.what]
+    width = max(len(n) for n in registry.names())
+    for name in registry.names():
+        print(f"{name:<{width}}  {registry.describe(name)}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    path = Path(args.run_dir) / "summary.json"
+    if not path.is_file():
+        return _fail(f"{args.run_dir} is not a run folder (no summary.json)")
+    summary = json.loads(path.read_text())
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `backdoors` console script."""
+    try:
+        args = _parser().parse_args(argv)
+        handler = {"train": _train, "validate": _validate, "list": _list, "show": _show}
+        return handler[args.command](args)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    except BackdoorsError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Observers of a training run: TensorBoard, console lines, legacy outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from backdoors.attacks.base import StepReport
+
+
+class Hook:
+    """Receives training events; every method is optional."""
+
+    def on_start(self, run_dir: Path, start_epoch: int, global_step: int) -> None:
+        """Training is about to start (or resume) at `start_epoch`."""
+
+    def on_train_log(self, global_step: int, losses: dict[str, float],
+                     scales: dict[str, float]) -> None:
+        """Mean losses and scales of the last `log_interval` steps."""
+
+    def on_epoch_end(self, epoch: int, row: dict[str, Any], model: nn.Module) -> None:
+        """An epoch finished and was evaluated; `row` is its metrics.jsonl row."""
+
+    def on_end(self) -> None:
+        """Training stopped (finished, interrupted or failed)."""
+
+
+TEST_TAGS = {
+    "clean_accuracy": "Test/clean_accuracy", "clean_loss": "Test/clean_loss",
+    "asr": "Test/asr", "backdoor_accuracy": "Test/backdoor_accuracy",
+    "robust_accuracy": "Test/robust_accuracy", "backdoor_loss": "Test/backdoor_loss",
+}
+
+
+class TensorBoardHook(Hook):
+    """Scalars under the Backdoors 101 tags Train/Loss_<task> and Train/Scale_<task>, and
+    Test/<metric> per epoch."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = Path(log_dir)
+        self.writer: Any = None
+
+    def on_start(self, run_dir: Path, start_epoch: int, global_step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step drops events a killed run wrote after its last checkpoint.
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=global_step or None)
+
+    def on_train_log(self, global_step: int, losses: dict[str, float],
+                     scales: dict[str, float]) -> None:
+        for name, value in losses.items():
+            self.writer.add_scalar(f"Train/Loss_{name}", value, global_step)
+        for name, value in scales.items():
+            self.writer.add_scalar(f"Train/Scale_{name}", value, global_step)
+
+    def on_epoch_end(self, epoch: int, row: dict[str, Any], model: nn.Module) -> None:
+        for key, tag in TEST_TAGS.items():
+            if row.get(key) is not None:
+                self.writer.add_scalar(tag, row[key], epoch)
+        self.writer.add_scalar("Train/lr", row["lr"], epoch)
+        self.writer.flush()
+
+    def on_end(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def pct(value: float | None) -> str:
+    return "  n/a" if value is None or value != value else f"{100 * value:5.1f}%"
+
+
+def epoch_line(epoch: int, last: int, row: dict[str, Any]) -> str:
+    """One readable line per epoch."""
+    losses = " ".join(f"{k} {v:.3f}" for k, v in row["train_loss"].items())
+    return (f"epoch {epoch}/{last}  loss {losses}  |  clean {pct(row['clean_accuracy'])}  "
+            f"ASR {pct(row['asr'])}  RA {pct(row['robust_accuracy'])}  "
+            f"backdoor-all {pct(row['backdoor_accuracy'])}  |  {row['train_seconds']:.1f}s")
+
+
+class ConsoleHook(Hook):
+    """Prints `epoch_line` to stdout."""
+
+    def __init__(self, last_epoch: int) -> None:
+        self.last_epoch = last_epoch
+
+    def on_epoch_end(self, epoch: int, row: dict[str, Any], model: nn.Module) -> None:
+        print(epoch_line(epoch, self.last_epoch, row), flush=True)

@@ -1,0 +1,87 @@
+"""The training loop: one epoch of attack-supplied gradients, and evaluation.
+
+The trainer knows nothing about attacks beyond `Attack.backward`, which fills the
+gradients for a batch; DP and federated training wrap or call it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from backdoors.attacks.base import Attack, StepReport
+from backdoors.data.loader import Loader
+from backdoors.metrics import evaluate
+from backdoors.synthesizers.base import Synthesizer
+
+StepCallback = Callable[[int, int, StepReport], None]
+
+
+@dataclass
+class EpochStats:
+    """Sample-weighted mean loss and mean scale of each term over one epoch."""
+
+    losses: dict[str, float] = field(default_factory=dict)
+    scales: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    samples: int = 0
+
+
+def _progress(iterable: Loader, enabled: bool, desc: str):  # noqa: ANN202 - tqdm or plain
+    if not enabled or not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+
+
+@dataclass
+class Trainer:
+    model: nn.Module
+    attack: Attack
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    train_loader: Loader
+    test_loader: Loader
+    synthesizer: Synthesizer | None
+    generator: torch.Generator
+    eval_seed: int = 0
+    progress: bool = True
+
+    def train_epoch(self, epoch: int, on_step: StepCallback | None = None) -> EpochStats:
+        """One pass over the training loader, then one scheduler step."""
+        self.model.train()
+        stats = EpochStats()
+        totals: dict[str, float] = {}
+        scale_sums: dict[str, float] = {}
+        start = time.perf_counter()
+        for step, batch in enumerate(_progress(self.train_loader, self.progress, f"epoch {epoch}")):
+            self.optimizer.zero_grad(set_to_none=True)
+            report = self.attack.backward(self.model, batch, self.generator)
+            self.optimizer.step()
+            n = len(batch)
+            stats.samples += n
+            for name, value in report.losses.items():
+                totals[name] = totals.get(name, 0.0) + value * n
+            for name, value in report.scales.items():
+                scale_sums[name] = scale_sums.get(name, 0.0) + value
+            if on_step is not None:
+                on_step(epoch, step, report)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        stats.seconds = time.perf_counter() - start
+        stats.losses = {k: v / max(stats.samples, 1) for k, v in totals.items()}
+        steps = max(len(self.train_loader), 1)
+        stats.scales = {k: v / steps for k, v in scale_sums.items()}
+        return stats
+
+    def evaluate(self) -> dict[str, float]:
+        """Test metrics; triggers draw from a generator reset each call, so dynamic triggers
+        are evaluated identically every epoch and evaluation never shifts training RNG."""
+        gen = torch.Generator().manual_seed(self.eval_seed)
+        return evaluate(self.model, self.test_loader, self.synthesizer, gen)
