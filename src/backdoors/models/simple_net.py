@@ -11,9 +11,11 @@ from backdoors.models.base import MODELS, ImageClassifier, flat_size
 
 @MODELS.register("simple_net")
 class SimpleNet(ImageClassifier):
-    """Backdoors 101's MNIST CNN (LeNet-style): conv5x5(20) -> pool -> conv5x5(50) -> pool ->
-    fc(500) -> fc(classes). Defaults: 28x28 inputs give the original 800 -> 500 -> 10.
-    Smaller inputs need `padding: 2` (used automatically below 16 pixels)."""
+    """Backdoors 101's MNIST CNN (LeNet-style, Blind Backdoors arXiv 2005.03823).
+
+    conv5x5(20) -> pool -> conv5x5(50) -> pool -> fc(hidden=500) -> fc(classes); 28x28 inputs
+    give the original 800 -> 500 -> 10. Inputs under 16 pixels get `padding: 2` by default.
+    """
 
     def __init__(
         self,
@@ -38,8 +40,11 @@ class SimpleNet(ImageClassifier):
 
 @MODELS.register("tiny_cnn")
 class TinyCNN(ImageClassifier):
-    """A two-layer 3x3 CNN (width 16/32, global average pooling) for 8x8-16x16 tasks and
-    tests; trains in seconds on a CPU. Not from a paper."""
+    """Small 3x3 CNN with batch norm for 8x8-16x16 inputs (tests, quickstart); not from a paper.
+
+    Three conv layers (width, 2*width, 2*width; default width 16), one max-pool, a 64-unit
+    hidden layer; trains in seconds on a CPU.
+    """
 
     def __init__(
         self,
@@ -50,10 +55,13 @@ class TinyCNN(ImageClassifier):
         width: int = 16,
     ) -> None:
         super().__init__(num_classes, input_shape, mean, std)
-        self.body = nn.Sequential(
-            nn.Conv2d(input_shape[0], width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
+        c = input_shape[0]
+        self.body = nn.Sequential(  # batch norm keeps small-data training stable at high lr
+            nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width),
+            nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
         )
         self.pool = nn.Sequential(nn.Flatten(), nn.Linear(flat_size(self.body, input_shape), 64),
                                   nn.ReLU())

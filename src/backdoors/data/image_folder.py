@@ -1,0 +1,151 @@
+"""Image folders in the ImageNet layout (`split/<class>/<image>`), streamed from disk."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from backdoors.data.task import TASKS, Task
+from backdoors.errors import DataError
+
+DEFAULT_DIR = Path(".data/imagenet")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def list_classes(split_dir: Path) -> list[str]:
+    """Sorted names of the sub-folders of `split_dir` (hidden ones skipped): the class list."""
+    with os.scandir(split_dir) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
+def list_images(split_dir: Path, classes: Sequence[str]) -> tuple[list[str], list[int]]:
+    """Paths of the images in `split_dir/<class>/` and their labels (index into `classes`).
+
+    Names are sorted within a class, then the classes are interleaved (first image of every
+    class, then the second, ...): `max_*_samples` keeps a prefix, and a class-by-class order
+    would make that prefix a few classes only. A class folder may be missing (empty split).
+    """
+    per_class = []
+    for name in classes:
+        folder = Path(split_dir) / name
+        files: list[str] = []
+        if folder.is_dir():
+            with os.scandir(folder) as entries:
+                files = sorted(e.path for e in entries
+                               if e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())
+        per_class.append(files)
+    paths, labels = [], []
+    for row in itertools.zip_longest(*per_class):
+        for label, path in enumerate(row):
+            if path is not None:
+                paths.append(path)
+                labels.append(label)
+    return paths, labels
+
+
+def resize_center_crop(image: Image.Image, resize: int, size: int) -> Image.Image:
+    """Scale the shorter side to `resize` (bilinear, antialiased), then crop the centre square.
+
+    Same arithmetic as torchvision's Resize(resize) + CenterCrop(size) on PIL images, so
+    numbers stay comparable with published ImageNet pipelines.
+    """
+    w, h = image.size
+    new = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+    if new != image.size:
+        image = image.resize(new, Image.BILINEAR)
+    left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+class ImageFolderDataset:
+    """A StreamingDataset over image files: decode, resize, centre-crop, scale to [0, 1].
+
+    Holds only paths and labels, so it pickles cheaply into DataLoader worker processes.
+    """
+
+    def __init__(self, paths: list[str], labels: list[int], resize: int, image_size: int) -> None:
+        self.paths = paths
+        self.labels = torch.tensor(labels, dtype=torch.long)
+        self.resize, self.image_size = resize, image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                rgb = image.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise DataError(f"cannot decode image {path}: {exc}") from None
+        pixels = np.array(resize_center_crop(rgb, self.resize, self.image_size))
+        x = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
+        return x, int(self.labels[index]), -1
+
+
+@TASKS.register("image_folder")
+class ImageFolderTask(Task):
+    """Any image folder in the ImageNet layout (e.g. ImageNet-1k), streamed from disk.
+
+    `data_dir` (default `.data/imagenet`) holds `train/<class>/*.jpg|jpeg|png` and
+    `val/<class>/...` (or `test/`); class folders sorted alphabetically give the labels.
+    Images get the standard ImageNet evaluation preprocessing (shorter side to `resize`,
+    default 256, centre crop `image_size`, default 224) and are decoded by `num_workers`
+    loader processes. ImageNet mean/std, `resnet18_imagenet` and augmentation by default.
+    """
+
+    mean = (0.485, 0.456, 0.406)
+    std = (0.229, 0.224, 0.225)
+    default_model = "resnet18_imagenet"
+    default_augment = True
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        resize: int = 256,
+        num_workers: int = 2,
+        data_dir: str | None = None,
+        max_train_samples: int | None = None,
+        max_test_samples: int | None = None,
+        augment: bool | None = None,
+    ) -> None:
+        super().__init__(data_dir, max_train_samples, max_test_samples, augment)
+        if image_size < 1 or resize < image_size:
+            raise ValueError(f"need 1 <= image_size <= resize, got {image_size} and {resize}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.image_size, self.resize, self.num_workers = image_size, resize, num_workers
+        root = self.data_dir or DEFAULT_DIR
+        self.train_dir = root / "train"
+        test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
+        if not self.train_dir.is_dir() or test_dir is None:
+            raise DataError(f"image folder not found: expected {root}/train/<class>/ and "
+                            f"{root}/val/<class>/ (or test/) holding .jpg/.jpeg/.png images")
+        self.test_dir: Path = test_dir
+        # Only the class folders are listed here (cheap); image files are listed in _load.
+        classes = tuple(list_classes(self.train_dir))
+        if not classes:
+            raise DataError(f"no class folders in {self.train_dir}: expected train/<class>/*.jpg")
+        self.class_names: tuple[str, ...] = classes
+        self.num_classes = len(classes)
+        self.input_shape = (3, image_size, image_size)
+
+    def _split(self, split_dir: Path) -> ImageFolderDataset:
+        unknown = sorted(set(list_classes(split_dir)) - set(self.class_names))
+        if unknown:
+            raise DataError(f"{split_dir} has class folders missing from {self.train_dir}: "
+                            f"{', '.join(unknown[:5])}")
+        paths, labels = list_images(split_dir, self.class_names)
+        if not paths:
+            raise DataError(f"no .jpg/.jpeg/.png images under {split_dir}/<class>/")
+        return ImageFolderDataset(paths, labels, self.resize, self.image_size)
+
+    def _load(self) -> tuple[ImageFolderDataset, ImageFolderDataset]:
+        return self._split(self.train_dir), self._split(self.test_dir)

@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny synthetic config and the location of ../shared/data."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+TINY: dict[str, Any] = {
+    "name": "tiny",
+    "seed": 0,
+    "task": {"name": "synthetic"},
+    "train": {"epochs": 3, "lr": 0.05, "tensorboard": False, "progress": False},
+    "synthesizer": {"name": "pattern", "target": 1},
+    "attack": {"name": "none"},
+}
+
+
+@pytest.fixture
+def tiny() -> dict[str, Any]:
+    """A fresh copy of a config that trains on the synthetic task in about a second."""
+    return copy.deepcopy(TINY)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data, or skip the test when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not available")
+    return SHARED_DATA
