@@ -26,7 +26,11 @@ class Batch:
 
     @classmethod
     def make(
-        cls, inputs: Tensor, labels: Tensor, indices: Tensor | None = None, aux: Tensor | None = None
+        cls,
+        inputs: Tensor,
+        labels: Tensor,
+        indices: Tensor | None = None,
+        aux: Tensor | None = None,
     ) -> Batch:
         n = inputs.shape[0]
         if indices is None:
@@ -43,7 +47,8 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(*(move(getattr(self, f)) for f in ("inputs", "labels", "indices", "poisoned", "aux")))
+        fields = ("inputs", "labels", "indices", "poisoned", "aux")
+        return Batch(*(move(getattr(self, f)) for f in fields))
 
     def select(self, rows: Tensor | slice) -> Batch:
         """Rows by boolean mask, index tensor or slice (a view where torch allows it)."""

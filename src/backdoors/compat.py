@@ -64,11 +64,14 @@ def convert_legacy(data: dict[str, Any], source: str = "config") -> dict[str, An
         if data.get(key):
             raise ConfigError(f"{source}: legacy key '{key}' ({what}) is not supported by "
                               "this version of backdoors")
+    data = {k: v for k, v in data.items() if v is not None}  # null means "the default"
     get = data.get
     task_name = _lookup(TASKS, get("task", "MNIST"), "task")
     task: dict[str, Any] = {"name": task_name}
     if get("data_path"):
         task["data_dir"] = str(get("data_path"))
+    if task_name == "image_folder":
+        task["num_classes"] = 1000  # Backdoors 101's Imagenet task is ImageNet-1k
     if get("transform_train") is False and task_name in ("cifar10", "image_folder"):
         task["augment"] = False
 

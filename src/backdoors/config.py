@@ -185,7 +185,8 @@ def _train(data: Any) -> TrainConfig:
         if key not in fields:
             raise ConfigError(f"unknown key '{key}' in train{did_you_mean(key, fields)}")
         if not matches_type(value, hints[key]):
-            raise ConfigError(f"bad value for train.{key}: {value!r} is not {type_name(hints[key])}")
+            expected = type_name(hints[key])
+            raise ConfigError(f"bad value for train.{key}: {value!r} is not {expected}")
     return TrainConfig(**data)
 
 

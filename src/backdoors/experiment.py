@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import signal
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path

@@ -7,8 +7,6 @@ from typing import Any
 
 from torch import nn
 
-from backdoors.attacks.base import StepReport
-
 
 class Hook:
     """Receives training events; every method is optional."""

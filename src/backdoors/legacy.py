@@ -29,7 +29,8 @@ def legacy_lines(epoch: int, row: dict[str, Any]) -> list[str]:
     def line(flag: str, acc: float | None, loss: float | None) -> str:
         acc_v = 0.0 if acc is None else 100.0 * acc
         loss_v = 0.0 if loss is None else loss
-        return f"Backdoor {flag}. Epoch: {epoch}. Accuracy: Top-1: {acc_v:.2f} | Loss: value: {loss_v:.2f}"
+        return (f"Backdoor {flag}. Epoch: {epoch}. Accuracy: Top-1: {acc_v:.2f} | "
+                f"Loss: value: {loss_v:.2f}")
 
     return [line("False", row["clean_accuracy"], row["clean_loss"]),
             line("True ", row["backdoor_accuracy"], row["backdoor_loss"])]
@@ -81,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stamp = _dt.datetime.now().strftime("%b.%d_%H.%M.%S")
         folder = None
         if params.get("save_model"):
-            folder = Path("saved_models") / f"model_{params.get('task', 'MNIST')}_{stamp}_{args.name}"
+            task = params.get("task", "MNIST")
+            folder = Path("saved_models") / f"model_{task}_{stamp}_{args.name}"
         hooks: list[Hook] = [LegacyHook(params, folder)]
         if params.get("tb"):
             hooks.append(TensorBoardHook(Path("runs") / args.name))

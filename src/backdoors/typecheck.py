@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
 import types
 import typing
@@ -25,7 +26,8 @@ def matches_type(value: Any, hint: Any) -> bool:
     if origin in (Union, types.UnionType):
         return any(matches_type(value, h) for h in get_args(hint))
     if origin is Literal:
-        return value in get_args(hint)
+        # `True == 1` in Python: compare types too, so a bool never matches Literal[1].
+        return any(value == a and type(value) is type(a) for a in get_args(hint))
     if hint is type(None):
         return value is None
     if hint is bool:
@@ -36,7 +38,7 @@ def matches_type(value: Any, hint: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is str:
         return isinstance(value, str)
-    if origin in (list, tuple, typing.Sequence) or hint in (list, tuple):
+    if origin in (list, tuple, collections.abc.Sequence) or hint in (list, tuple):
         if not isinstance(value, (list, tuple)):
             return False
         args = get_args(hint)

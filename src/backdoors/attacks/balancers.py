@@ -65,7 +65,7 @@ class MGDABalancer(Balancer):
             )
             grads.append(torch.cat([
                 (gi if gi is not None else torch.zeros_like(p)).flatten()
-                for gi, p in zip(g, params)
+                for gi, p in zip(g, params, strict=True)
             ]))
         flat = torch.stack(grads)  # [T, P]
         with torch.no_grad():
@@ -81,4 +81,4 @@ class MGDABalancer(Balancer):
             g = combined[offset : offset + n].view_as(p)
             p.grad = g.clone() if p.grad is None else p.grad + g
             offset += n
-        return {n: float(w) for n, w in zip(names, weights)}
+        return {n: float(w) for n, w in zip(names, weights, strict=True)}

@@ -28,8 +28,9 @@ def random_crop_flip(
         dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(dev)
         rows = (dy[:, None] + torch.arange(h, device=dev)[None, :])  # [N, H]
         cols = (dx[:, None] + torch.arange(w, device=dev)[None, :])  # [N, W]
-        padded = padded.gather(2, rows[:, None, :, None].expand(-1, x.shape[1], -1, w + 2 * padding))
-        x = padded.gather(3, cols[:, None, None, :].expand(-1, x.shape[1], h, -1))
+        c = x.shape[1]
+        padded = padded.gather(2, rows[:, None, :, None].expand(-1, c, -1, w + 2 * padding))
+        x = padded.gather(3, cols[:, None, None, :].expand(-1, c, h, -1))
     if flip:
         mask = (torch.rand(n, generator=generator) < 0.5).to(dev)
         x = torch.where(mask[:, None, None, None], x.flip(3), x)

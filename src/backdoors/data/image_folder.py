@@ -111,6 +111,7 @@ class ImageFolderTask(Task):
         image_size: int = 224,
         resize: int = 256,
         num_workers: int = 2,
+        num_classes: int | None = None,
         data_dir: str | None = None,
         max_train_samples: int | None = None,
         max_test_samples: int | None = None,
@@ -122,20 +123,35 @@ class ImageFolderTask(Task):
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.image_size, self.resize, self.num_workers = image_size, resize, num_workers
-        root = self.data_dir or DEFAULT_DIR
+        self.root = self.data_dir or DEFAULT_DIR
+        self.input_shape = (3, image_size, image_size)
+        self.class_names: tuple[str, ...] | None = None
+        if num_classes is not None:
+            # Known up front (e.g. 1000 for ImageNet): configs validate without the data,
+            # and the folder is checked against it when it loads.
+            if num_classes < 2:
+                raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+            self.num_classes = num_classes
+        else:
+            self._scan()
+
+    def _scan(self) -> None:
+        """Find train/ and val/ (or test/) and list the class folders (cheap)."""
+        root = self.root
         self.train_dir = root / "train"
         test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
         if not self.train_dir.is_dir() or test_dir is None:
             raise DataError(f"image folder not found: expected {root}/train/<class>/ and "
                             f"{root}/val/<class>/ (or test/) holding .jpg/.jpeg/.png images")
         self.test_dir: Path = test_dir
-        # Only the class folders are listed here (cheap); image files are listed in _load.
         classes = tuple(list_classes(self.train_dir))
         if not classes:
             raise DataError(f"no class folders in {self.train_dir}: expected train/<class>/*.jpg")
-        self.class_names: tuple[str, ...] = classes
+        if "num_classes" in vars(self) and len(classes) != self.num_classes:
+            raise DataError(f"{self.train_dir} has {len(classes)} class folders but the task "
+                            f"says num_classes: {self.num_classes}")
+        self.class_names = classes
         self.num_classes = len(classes)
-        self.input_shape = (3, image_size, image_size)
 
     def _split(self, split_dir: Path) -> ImageFolderDataset:
         unknown = sorted(set(list_classes(split_dir)) - set(self.class_names))
@@ -148,4 +164,6 @@ class ImageFolderTask(Task):
         return ImageFolderDataset(paths, labels, self.resize, self.image_size)
 
     def _load(self) -> tuple[ImageFolderDataset, ImageFolderDataset]:
+        if self.class_names is None:
+            self._scan()
         return self._split(self.train_dir), self._split(self.test_dir)

@@ -68,7 +68,7 @@ class Synthesizer(ABC):
         """
         n = len(batch) if fraction >= 1.0 else int(round(len(batch) * fraction))
         if n == 0:
-            return batch
+            return batch.with_(inputs=batch.inputs.clone(), labels=batch.labels.clone())
         part = batch.select(slice(0, n))
         inputs = batch.inputs.clone()
         labels = batch.labels.clone()

@@ -48,7 +48,8 @@ class PatternSynthesizer(Synthesizer):
         pattern: list[list[int]] | None = None,
     ) -> None:
         super().__init__(target, label_mode)
-        cells = torch.tensor(pattern if pattern is not None else ORIGINAL_PATTERN, dtype=torch.float)
+        grid = pattern if pattern is not None else ORIGINAL_PATTERN
+        cells = torch.tensor(grid, dtype=torch.float)
         if cells.dim() != 2 or not bool(((cells == -1) | (cells == 0) | (cells == 1)).all()):
             raise ValueError("pattern must be a 2-D grid of 1 (white), 0 (black), -1 (clear)")
         if not 1 <= min_size <= max_size:
@@ -66,8 +67,10 @@ class PatternSynthesizer(Synthesizer):
         if row < 0 or col < 0 or row + ph > h or col + pw > w:
             raise ValueError(f"a {ph}x{pw} pattern at {(row, col)} does not fit {h}x{w} images; "
                              "set synthesizer.position")
-        if self.dynamic and self.max_size > h:
-            raise ValueError(f"max_size {self.max_size} exceeds image height {h}")
+        widest = max(1, round(self.max_size * pw / ph))
+        if self.dynamic and (self.max_size > h or widest > w):
+            raise ValueError(f"a dynamic pattern up to {self.max_size}x{widest} does not fit "
+                             f"{h}x{w} images; lower synthesizer.max_size")
         self.position = (row, col)
 
     def _stamp(self, generator: torch.Generator | None) -> tuple[Tensor, Tensor, int, int]:
@@ -83,7 +86,7 @@ class PatternSynthesizer(Synthesizer):
         cols = (torch.arange(width) * values.shape[1] // width)
         values, mask = values[rows][:, cols], mask[rows][:, cols]
         flips = torch.rand(2, generator=generator) < 0.5
-        dims = [d for d, f in zip((0, 1), flips.tolist()) if f]
+        dims = [d for d, f in zip((0, 1), flips.tolist(), strict=True) if f]
         if dims:
             values, mask = values.flip(dims), mask.flip(dims)
         row = int(torch.randint(0, h - size + 1, (1,), generator=generator))
