@@ -59,6 +59,7 @@ class Trainer:
         stats = EpochStats()
         totals: dict[str, float] = {}
         scale_sums: dict[str, float] = {}
+        scale_counts: dict[str, int] = {}
         start = time.perf_counter()
         for step, batch in enumerate(_progress(self.train_loader, self.progress, f"epoch {epoch}")):
             self.optimizer.zero_grad(set_to_none=True)
@@ -70,14 +71,14 @@ class Trainer:
                 totals[name] = totals.get(name, 0.0) + value * n
             for name, value in report.scales.items():
                 scale_sums[name] = scale_sums.get(name, 0.0) + value
+                scale_counts[name] = scale_counts.get(name, 0) + 1
             if on_step is not None:
                 on_step(epoch, step, report)
         if self.scheduler is not None:
             self.scheduler.step()
         stats.seconds = time.perf_counter() - start
         stats.losses = {k: v / max(stats.samples, 1) for k, v in totals.items()}
-        steps = max(len(self.train_loader), 1)
-        stats.scales = {k: v / steps for k, v in scale_sums.items()}
+        stats.scales = {k: v / scale_counts[k] for k, v in scale_sums.items()}
         return stats
 
     def evaluate(self) -> dict[str, float]:

@@ -1,0 +1,28 @@
+"""Shared helpers for benchmark scripts: where the real data is, and the standard splits."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+CACHE = REPO / ".cache"
+
+
+def mnist_split_dir() -> Path:
+    """The project's standard MNIST split (train = first 8,000 images of the official test
+    file, test = last 2,000) written once as IDX files under .cache/mnist-split."""
+    from backdoors.data.mnist import write_mnist_split
+
+    source = SHARED_DATA / "mnist-t10k"
+    if not source.is_dir():
+        raise SystemExit(f"benchmark needs {source} (the shared MNIST test set)")
+    return write_mnist_split(source, CACHE / "mnist-split", n_train=8000)
+
+
+def machine() -> str:
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}")
