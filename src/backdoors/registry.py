@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 from backdoors.errors import ConfigError, did_you_mean
-from backdoors.typecheck import matches_type, type_hints, type_name
+from backdoors.typecheck import constructor_parameters, matches_type, type_hints, type_name
 
 T = TypeVar("T")
 
@@ -65,15 +65,13 @@ class Registry(Generic[T]):
         return doc.splitlines()[0] if doc else ""
 
     def parameters(self, name: str) -> dict[str, inspect.Parameter]:
-        """Constructor parameters a config may set (injected ones excluded)."""
-        sig = inspect.signature(self._items[name])
-        return {
-            k: p
-            for k, p in sig.parameters.items()
-            if k not in self.injected
-            and k != "self"
-            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-        }
+        """Constructor parameters a config may set (injected ones excluded).
+
+        A constructor that forwards `**kwargs` to its parent also accepts the parent's
+        parameters, so subclasses need not repeat the common ones.
+        """
+        return {k: p for k, p in constructor_parameters(self._items[name]).items()
+                if k not in self.injected}
 
     def check(self, name: str, kwargs: dict[str, Any], where: str) -> None:
         """Raise ConfigError for an unknown name, unknown keyword or missing required one."""

@@ -9,13 +9,41 @@ import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
 
+def _init_chain(component: Any) -> list[Any]:
+    """The constructors whose parameters a component accepts: its own, then its parents'
+    for as long as each forwards **kwargs. A plain function is its own chain."""
+    if not inspect.isclass(component):
+        return [component]
+    chain = []
+    for cls in component.__mro__:
+        if "__init__" not in vars(cls) or cls is object:
+            continue
+        chain.append(cls.__init__)
+        kinds = [p.kind for p in inspect.signature(cls.__init__).parameters.values()]
+        if inspect.Parameter.VAR_KEYWORD not in kinds:
+            break
+    return chain
+
+
+def constructor_parameters(component: Any) -> dict[str, inspect.Parameter]:
+    """Named keyword parameters of a component's constructor chain (child first)."""
+    params: dict[str, inspect.Parameter] = {}
+    for init in _init_chain(component):
+        for key, p in inspect.signature(init).parameters.items():
+            if key != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                params.setdefault(key, p)
+    return params
+
+
 def type_hints(component: Any) -> dict[str, Any]:
-    """Type hints of a class's __init__ or of a function; {} when they cannot be resolved."""
-    target = component.__init__ if inspect.isclass(component) else component
-    try:
-        return typing.get_type_hints(target)
-    except Exception:  # noqa: BLE001 - unresolved forward references: skip type checks
-        return {}
+    """Type hints of a component's constructor chain; {} where they cannot be resolved."""
+    hints: dict[str, Any] = {}
+    for init in reversed(_init_chain(component)):
+        try:
+            hints.update(typing.get_type_hints(init))
+        except Exception:  # noqa: BLE001 - unresolved forward references: skip type checks
+            continue
+    return hints
 
 
 def matches_type(value: Any, hint: Any) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from backdoors.data.dataset import ArrayDataset
@@ -25,12 +27,9 @@ class DigitsTask(Task):
         self,
         test_fraction: float = 0.25,
         split_seed: int = 0,
-        data_dir: str | None = None,
-        max_train_samples: int | None = None,
-        max_test_samples: int | None = None,
-        augment: bool | None = None,
+        **common: Any,
     ) -> None:
-        super().__init__(data_dir, max_train_samples, max_test_samples, augment)
+        super().__init__(**common)
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         self.test_fraction, self.split_seed = test_fraction, split_seed

@@ -6,6 +6,7 @@ import itertools
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,12 +113,9 @@ class ImageFolderTask(Task):
         resize: int = 256,
         num_workers: int = 2,
         num_classes: int | None = None,
-        data_dir: str | None = None,
-        max_train_samples: int | None = None,
-        max_test_samples: int | None = None,
-        augment: bool | None = None,
+        **common: Any,
     ) -> None:
-        super().__init__(data_dir, max_train_samples, max_test_samples, augment)
+        super().__init__(**common)
         if image_size < 1 or resize < image_size:
             raise ValueError(f"need 1 <= image_size <= resize, got {image_size} and {resize}")
         if num_workers < 0:

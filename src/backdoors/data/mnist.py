@@ -8,6 +8,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -204,12 +205,9 @@ class MnistTask(Task):
     def __init__(
         self,
         download: bool = False,
-        data_dir: str | None = None,
-        max_train_samples: int | None = None,
-        max_test_samples: int | None = None,
-        augment: bool | None = None,
+        **common: Any,
     ) -> None:
-        super().__init__(data_dir, max_train_samples, max_test_samples, augment)
+        super().__init__(**common)
         self.download = download
 
     def _load(self) -> tuple[ArrayDataset, ArrayDataset]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -76,12 +78,9 @@ class MultiMnistTask(Task):
         overlap: int = 8,
         seed: int = 0,
         download: bool = False,
-        data_dir: str | None = None,
-        max_train_samples: int | None = None,
-        max_test_samples: int | None = None,
-        augment: bool | None = None,
+        **common: Any,
     ) -> None:
-        super().__init__(data_dir, max_train_samples, max_test_samples, augment)
+        super().__init__(**common)
         if train_size < 1 or test_size < 1:
             raise ValueError(f"train_size and test_size must be >= 1, got {train_size}, "
                              f"{test_size}")

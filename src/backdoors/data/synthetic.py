@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from backdoors.data.dataset import ArrayDataset
@@ -28,12 +30,9 @@ class SyntheticTask(Task):
         test_size: int = 512,
         noise: float = 0.15,
         seed: int = 0,
-        data_dir: str | None = None,
-        max_train_samples: int | None = None,
-        max_test_samples: int | None = None,
-        augment: bool | None = None,
+        **common: Any,
     ) -> None:
-        super().__init__(data_dir, max_train_samples, max_test_samples, augment)
+        super().__init__(**common)
         if not 2 <= num_classes <= 8:
             raise ValueError(f"num_classes must be in 2..8, got {num_classes}")
         self.num_classes = num_classes

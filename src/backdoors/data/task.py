@@ -30,6 +30,7 @@ class Task(ABC):
 
     def __init__(
         self,
+        *,
         data_dir: str | None = None,
         max_train_samples: int | None = None,
         max_test_samples: int | None = None,

@@ -43,6 +43,7 @@ class ImageClassifier(nn.Module):
 
     def __init__(
         self,
+        *,
         num_classes: int,
         input_shape: Sequence[int],
         mean: Sequence[float],

@@ -7,7 +7,7 @@ after it, so the identity path stays clean. BackdoorBench's reference model for 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -51,17 +51,14 @@ class PreActResNet18(ImageClassifier):
 
     def __init__(
         self,
-        num_classes: int,
-        input_shape: Sequence[int],
-        mean: Sequence[float],
-        std: Sequence[float],
         width: int = 64,
+        **base: Any,
     ) -> None:
-        super().__init__(num_classes, input_shape, mean, std)
+        super().__init__(**base)
         if width < 1:
             raise ValueError(f"width must be a positive integer, got {width}")
         stages: OrderedDict[str, nn.Module] = OrderedDict()
-        stages["stem"] = conv3x3(input_shape[0], width)
+        stages["stem"] = conv3x3(self.input_shape[0], width)
         in_planes = width
         for i in range(4):
             planes = width * 2**i
@@ -76,5 +73,5 @@ class PreActResNet18(ImageClassifier):
         stages["relu"] = nn.ReLU()
         self.body = nn.Sequential(stages)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(in_planes, num_classes)
+        self.head = nn.Linear(in_planes, self.num_classes)
         kaiming_init(self)

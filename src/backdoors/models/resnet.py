@@ -9,8 +9,7 @@ conv + BN projection where the shape changes (the paper's option B).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
@@ -118,18 +117,15 @@ class ResNet(ImageClassifier):
 
     def __init__(
         self,
-        num_classes: int,
-        input_shape: Sequence[int],
-        mean: Sequence[float],
-        std: Sequence[float],
         width: int = 64,
         zero_init_residual: bool = False,
+        **base: Any,
     ) -> None:
-        super().__init__(num_classes, input_shape, mean, std)
+        super().__init__(**base)
         if width < 1:
             raise ValueError(f"width must be a positive integer, got {width}")
         stages: OrderedDict[str, nn.Module] = OrderedDict()
-        stages["stem"] = make_stem(self.stem, input_shape[0], width)
+        stages["stem"] = make_stem(self.stem, self.input_shape[0], width)
         in_planes = width
         for i, num_blocks in enumerate(self.layers):
             planes = width * 2**i
@@ -141,7 +137,7 @@ class ResNet(ImageClassifier):
             stages[f"layer{i + 1}"] = nn.Sequential(*blocks)
         self.body = nn.Sequential(stages)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(in_planes, num_classes)
+        self.head = nn.Linear(in_planes, self.num_classes)
         kaiming_init(self)
         if zero_init_residual:
             for module in self.modules():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -19,23 +19,20 @@ class SimpleNet(ImageClassifier):
 
     def __init__(
         self,
-        num_classes: int,
-        input_shape: Sequence[int],
-        mean: Sequence[float],
-        std: Sequence[float],
         hidden: int = 500,
         padding: int | None = None,
+        **base: Any,
     ) -> None:
-        super().__init__(num_classes, input_shape, mean, std)
-        pad = (2 if min(input_shape[1:]) < 16 else 0) if padding is None else padding
+        super().__init__(**base)
+        pad = (2 if min(self.input_shape[1:]) < 16 else 0) if padding is None else padding
         self.body = nn.Sequential(
-            nn.Conv2d(input_shape[0], 20, 5, 1, pad), nn.ReLU(), nn.MaxPool2d(2, 2),
+            nn.Conv2d(self.input_shape[0], 20, 5, 1, pad), nn.ReLU(), nn.MaxPool2d(2, 2),
             nn.Conv2d(20, 50, 5, 1, pad), nn.ReLU(), nn.MaxPool2d(2, 2),
         )
         self.pool = nn.Sequential(
-            nn.Flatten(), nn.Linear(flat_size(self.body, input_shape), hidden), nn.ReLU()
+            nn.Flatten(), nn.Linear(flat_size(self.body, self.input_shape), hidden), nn.ReLU()
         )
-        self.head = nn.Linear(hidden, num_classes)
+        self.head = nn.Linear(hidden, self.num_classes)
 
 
 @MODELS.register("tiny_cnn")
@@ -48,14 +45,11 @@ class TinyCNN(ImageClassifier):
 
     def __init__(
         self,
-        num_classes: int,
-        input_shape: Sequence[int],
-        mean: Sequence[float],
-        std: Sequence[float],
         width: int = 16,
+        **base: Any,
     ) -> None:
-        super().__init__(num_classes, input_shape, mean, std)
-        c = input_shape[0]
+        super().__init__(**base)
+        c = self.input_shape[0]
         self.body = nn.Sequential(  # batch norm keeps small-data training stable at high lr
             nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
             nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width),
@@ -63,6 +57,6 @@ class TinyCNN(ImageClassifier):
             nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width),
             nn.ReLU(),
         )
-        self.pool = nn.Sequential(nn.Flatten(), nn.Linear(flat_size(self.body, input_shape), 64),
-                                  nn.ReLU())
-        self.head = nn.Linear(64, num_classes)
+        features = flat_size(self.body, self.input_shape)
+        self.pool = nn.Sequential(nn.Flatten(), nn.Linear(features, 64), nn.ReLU())
+        self.head = nn.Linear(64, self.num_classes)

@@ -7,7 +7,7 @@ replaced by global average pooling and one Linear, and BN follows every conv.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -30,18 +30,15 @@ class VGG(ImageClassifier):
 
     def __init__(
         self,
-        num_classes: int,
-        input_shape: Sequence[int],
-        mean: Sequence[float],
-        std: Sequence[float],
         width_scale: float = 1.0,
+        **base: Any,
     ) -> None:
-        super().__init__(num_classes, input_shape, mean, std)
+        super().__init__(**base)
         if width_scale <= 0:
             raise ValueError(f"width_scale must be positive, got {width_scale}")
         layers: list[nn.Module] = []
-        channels = input_shape[0]
-        size = min(input_shape[1:])
+        channels = self.input_shape[0]
+        size = min(self.input_shape[1:])
         for item in self.config:
             if item == POOL:
                 if size >= 2:
@@ -57,7 +54,7 @@ class VGG(ImageClassifier):
             channels = out
         self.body = nn.Sequential(*layers)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(channels, num_classes)
+        self.head = nn.Linear(channels, self.num_classes)
         kaiming_init(self)
 
 
