@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from backdoors.attacks import ATTACKS, Attack
@@ -28,7 +29,7 @@ from backdoors.training.trainer import EpochStats, Trainer
 
 # Independent random streams derived from the seed, so that changing one part of a run
 # (e.g. the number of evaluation batches) never shifts another (e.g. the poison subset).
-POISON_STREAM, TRAIN_STREAM, EVAL_STREAM = 1, 2, 3
+POISON_STREAM, TRAIN_STREAM, EVAL_STREAM, TRIGGER_STREAM = 1, 2, 3, 4
 PRETRAINED_DIR = Path("~/.cache/backdoors/pretrained").expanduser()
 
 
@@ -190,6 +191,12 @@ def _execute(
             start_epoch = max(start_epoch, _resume_model(model, tc.resume_model) + 1)
     run_.write_env(config.seed, str(device), resumed=state is not None)
 
+    trigger_gen = torch.Generator().manual_seed(config.seed * 1000 + TRIGGER_STREAM)
+    comps.synthesizer.prepare(comps.task.train, trigger_gen)
+    trigger = comps.synthesizer.state_tensors()
+    if trigger:
+        save_file({k: v.detach().contiguous().cpu() for k, v in trigger.items()},
+                  str(run_.path / "trigger.safetensors"))
     poison_gen = torch.Generator().manual_seed(config.seed * 1000 + POISON_STREAM)
     train_set, poison_idx = comps.attack.poison_training_set(comps.task.train, poison_gen)
     run_.write_json("attack.json", {
@@ -205,6 +212,9 @@ def _execute(
                           num_workers=getattr(comps.task, "num_workers", 0))
     test_loader = Loader(_on_device(comps.task.test, device), tc.test_batch_size, device,
                          num_workers=getattr(comps.task, "num_workers", 0))
+    own_test = comps.synthesizer.backdoor_test_set()
+    backdoor_loader = None if own_test is None else Loader(
+        _on_device(own_test, device), tc.test_batch_size, device)
     optimizer = make_optimizer(model, tc)
     scheduler = make_scheduler(optimizer, tc)
     best = -1.0
@@ -226,7 +236,8 @@ def _execute(
 
     trainer = Trainer(model, comps.attack, optimizer, scheduler, train_loader, test_loader,
                       comps.synthesizer, train_gen,
-                      eval_seed=config.seed * 1000 + EVAL_STREAM, progress=tc.progress)
+                      eval_seed=config.seed * 1000 + EVAL_STREAM, progress=tc.progress,
+                      backdoor_loader=backdoor_loader)
     all_hooks: list[Hook] = list(hooks)
     if tc.tensorboard:
         all_hooks.append(TensorBoardHook(run_.path / "tb"))
@@ -325,7 +336,7 @@ def _checkpoint(run_: Run, model: nn.Module, epoch: int, row: dict[str, Any], be
 def _summary_figures(row: dict[str, Any], epoch: int, history: list[float], best: float
                      ) -> dict[str, Any]:
     keys = ("clean_accuracy", "asr", "backdoor_accuracy", "robust_accuracy", "clean_loss",
-            "backdoor_loss")
-    return {**{k: row.get(k) for k in keys}, "epochs": epoch,
+            "backdoor_loss", "variants")
+    return {**{k: row[k] for k in keys if k in row}, "epochs": epoch,
             "best_clean_accuracy": best if best >= 0 else row.get("clean_accuracy"),
             "seconds_per_epoch": sum(history) / len(history) if history else None}

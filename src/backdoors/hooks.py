@@ -57,6 +57,10 @@ class TensorBoardHook(Hook):
         for key, tag in TEST_TAGS.items():
             if row.get(key) is not None:
                 self.writer.add_scalar(tag, row[key], epoch)
+        for name, figures in row.get("variants", {}).items():
+            for key, value in figures.items():
+                if value is not None:
+                    self.writer.add_scalar(f"Test/{key}/{name}", value, epoch)
         self.writer.add_scalar("Train/lr", row["lr"], epoch)
         self.writer.flush()
 
@@ -72,8 +76,9 @@ def pct(value: float | None) -> str:
 def epoch_line(epoch: int, last: int, row: dict[str, Any]) -> str:
     """One readable line per epoch."""
     losses = " ".join(f"{k} {v:.3f}" for k, v in row["train_loss"].items())
+    per = "".join(f"  ASR[{name}] {pct(v['asr'])}" for name, v in row.get("variants", {}).items())
     return (f"epoch {epoch}/{last}  loss {losses}  |  clean {pct(row['clean_accuracy'])}  "
-            f"ASR {pct(row['asr'])}  RA {pct(row['robust_accuracy'])}  "
+            f"ASR {pct(row['asr'])}{per}  RA {pct(row['robust_accuracy'])}  "
             f"backdoor-all {pct(row['backdoor_accuracy'])}  |  {row['train_seconds']:.1f}s")
 
 

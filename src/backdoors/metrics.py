@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,21 +64,41 @@ def update_backdoor(
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    batches: object,
+    batches: Iterable[Batch],
     synthesizer: Synthesizer | None,
     generator: torch.Generator | None = None,
-) -> dict[str, float]:
-    """Clean accuracy/loss and, with a synthesizer, ASR, backdoor accuracy (all inputs),
-    robust accuracy and backdoor loss, on every batch of `batches` (an iterable of Batch).
+    backdoor_batches: Iterable[Batch] | None = None,
+) -> dict[str, Any]:
+    """Clean accuracy/loss on `batches`; with a synthesizer also ASR, backdoor accuracy (all
+    inputs), robust accuracy and backdoor loss, on triggered copies of `backdoor_batches`
+    (default: the same batches). Only rows the synthesizer `counted` are scored. A trigger
+    with `variants` adds their figures under `variants` (pooled figures cover them all).
     """
     was_training = model.training
     model.eval()
     counts = Counts()
-    for batch in batches:  # type: ignore[attr-defined]
-        assert isinstance(batch, Batch)
+    for batch in batches:
         update_clean(counts, model(batch.inputs), batch.labels)
-        if synthesizer is not None:
-            triggered = synthesizer.apply(batch, 1.0, generator)
-            update_backdoor(counts, model(triggered.inputs), batch.labels, triggered.labels)
+    variants: dict[str, Counts] = {}
+    if synthesizer is not None:
+        parts = synthesizer.variants() or {"": synthesizer}
+        variants = {name: Counts() for name in parts}
+        for batch in backdoor_batches if backdoor_batches is not None else batches:
+            for name, synth in parts.items():
+                keep = synth.counted(batch)
+                part = batch.select(keep)
+                if len(part) == 0:
+                    continue
+                triggered = synth.apply(part, 1.0, generator)
+                logits = model(triggered.inputs)
+                for target in (counts, variants[name]):
+                    update_backdoor(target, logits, part.labels, triggered.labels)
     model.train(was_training)
-    return counts.result()
+    result: dict[str, Any] = counts.result()
+    if len(variants) > 1:
+        result["variants"] = {name: _backdoor_only(c.result()) for name, c in variants.items()}
+    return result
+
+
+def _backdoor_only(result: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in result.items() if not k.startswith("clean_")}

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
 from backdoors.batch import Batch
 from backdoors.registry import Registry
+
+if TYPE_CHECKING:
+    from backdoors.data.dataset import ArrayDataset, Dataset
 
 SYNTHESIZERS: Registry[Synthesizer] = Registry("synthesizer")
 
@@ -85,3 +88,29 @@ class Synthesizer(ABC):
     def spec(self) -> dict:
         """What a defense or report needs to re-create the trigger."""
         return {"name": self.name, "target": self.target, "label_mode": self.label_mode}
+
+    # Optional hooks. Most triggers need none of them.
+
+    def prepare(self, train: Dataset, generator: torch.Generator) -> None:  # noqa: B027
+        """Runs once after the data loads, before poisoning and training: triggers that are
+        optimised on data (surrogate models, generators) or drawn from it fit here. Must be
+        deterministic given `generator` (a resumed run calls it again)."""
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Tensors that define a learned trigger, saved as the run's trigger.safetensors."""
+        return {}
+
+    def counted(self, batch: Batch) -> Tensor:
+        """Rows whose backdoor prediction is scored (e.g. a complex backdoor skips rows with
+        no target identity). Default: every row."""
+        return torch.ones(len(batch), dtype=torch.bool, device=batch.device)
+
+    def variants(self) -> dict[str, Synthesizer]:
+        """Named sub-backdoors scored separately (e.g. a calculator's sum and product); the
+        pooled figures still cover all of them. Default: none."""
+        return {}
+
+    def backdoor_test_set(self) -> ArrayDataset | None:
+        """Inputs to score the backdoor on instead of the triggered test set (semantic and
+        edge-case backdoors bring their own). Default: None, use the test set."""
+        return None

@@ -52,6 +52,7 @@ class Trainer:
     generator: torch.Generator
     eval_seed: int = 0
     progress: bool = True
+    backdoor_loader: Loader | None = None
 
     def train_epoch(self, epoch: int, on_step: StepCallback | None = None) -> EpochStats:
         """One pass over the training loader, then one scheduler step."""
@@ -85,4 +86,5 @@ class Trainer:
         """Test metrics; triggers draw from a generator reset each call, so dynamic triggers
         are evaluated identically every epoch and evaluation never shifts training RNG."""
         gen = torch.Generator().manual_seed(self.eval_seed)
-        return evaluate(self.model, self.test_loader, self.synthesizer, gen)
+        return evaluate(self.model, self.test_loader, self.synthesizer, gen,
+                        self.backdoor_loader)
