@@ -142,3 +142,10 @@ def test_module_entry_point_exit_code():
     proc = subprocess.run([sys.executable, "-m", "backdoors", "train", "missing.yaml"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_gallery_draws_a_png(tiny, tmp_path, capsys):
+    out = tmp_path / "g.png"
+    assert main(["gallery", str(write(tmp_path, tiny)), "--out", str(out), "--n", "4"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    one_line_error(capsys, main(["gallery", str(write(tmp_path, tiny)), "--out", "x.jpg"]))

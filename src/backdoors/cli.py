@@ -1,4 +1,4 @@
-"""The `backdoors` command: train, validate, list, show.
+"""The `backdoors` command: train, validate, list, show, gallery.
 
 Usage and config errors print one line on stderr and exit with code 2 (no traceback).
 """
@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("show", help="print a run's summary")
     s.add_argument("run_dir")
+
+    g = sub.add_parser("gallery", help="draw clean vs triggered test images to a PNG")
+    g.add_argument("config")
+    g.add_argument("--out", required=True, help="PNG file to write")
+    g.add_argument("--n", type=int, default=8, help="number of images (default 8)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return p
 
 
@@ -120,11 +126,25 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gallery(args: argparse.Namespace) -> int:
+    from backdoors.config import load_config
+    from backdoors.gallery import draw_gallery
+
+    if args.n < 1:
+        return _fail(f"--n must be >= 1, got {args.n}")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        return _fail(f"--out must name a .png file, got {out}")
+    print(f"wrote {draw_gallery(load_config(args.config, args.overrides), out, args.n)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `backdoors` console script."""
     try:
         args = _parser().parse_args(argv)
-        handler = {"train": _train, "validate": _validate, "list": _list, "show": _show}
+        handler = {"train": _train, "validate": _validate, "list": _list, "show": _show,
+                   "gallery": _gallery}
         return handler[args.command](args)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2

@@ -1,0 +1,94 @@
+"""Attack benchmark: every attack config on the standard MNIST split (8k/2k from
+../shared/data) or, for colour-only attacks, a CIFAR-10 JPEG subset, for a fixed budget.
+
+Writes a Markdown table (clean accuracy, its change against clean training of the same
+task, ASR, RA, per-backdoor figures, train seconds) to benchmarks/results/attacks.md.
+
+    python benchmarks/attacks.py [--epochs 5] [--only blend,sig] [--out FILE.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import CACHE, REPO, SHARED_DATA, machine, mnist_split_dir  # noqa: E402
+
+from backdoors.config import load_config  # noqa: E402
+from backdoors.experiment import run  # noqa: E402
+
+# Config files whose attack is benchmarked; legacy and demo files are not.
+SKIP = {"quickstart.yaml", "mnist_params.yaml", "cifar10_params.yaml", "imagenet_params.yaml",
+        "pipa_params.yaml"}
+
+
+def attack_configs(only: set[str] | None) -> list[Path]:
+    paths = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.name not in SKIP)
+    return [p for p in paths if only is None or p.stem in only]
+
+
+def data_overrides(config_path: Path) -> list[str]:
+    """Point MNIST and CIFAR tasks at the cached real data."""
+    task = load_config(config_path).task.name
+    if task in ("mnist", "multimnist", "counting"):
+        return [f"task.data_dir={mnist_split_dir()}"]
+    if task == "cifar10":
+        from backdoors.data.cifar import extract_shared_cifar
+
+        root = extract_shared_cifar(SHARED_DATA / "cifar10-jpg.tar.gz", CACHE / "cifar10-jpg")
+        return [f"task.data_dir={root}"]
+    return []
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=None, help="override every config's epochs")
+    parser.add_argument("--only", default=None, help="comma-separated config names")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/attacks.md")
+    args = parser.parse_args()
+    only = set(args.only.split(",")) if args.only else None
+    rows: list[str] = []
+    baselines: dict[tuple, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in attack_configs(only):
+            sets = data_overrides(path) + ["train.tensorboard=false", "train.progress=false"]
+            if args.epochs:
+                sets.append(f"train.epochs={args.epochs}")
+            config = load_config(path, sets)
+            key = (config.task.name, repr(config.task.kwargs), repr(config.model),
+                   config.train.epochs)
+            if key not in baselines:
+                clean = run(load_config(path, sets + ["attack={name: none}"]), out=tmp,
+                            quiet=True)
+                baselines[key] = clean["clean_accuracy"]
+            start = time.perf_counter()
+            s = run(config, out=tmp, quiet=True)
+            seconds = time.perf_counter() - start
+            delta = 100 * (s["clean_accuracy"] - baselines[key])
+            extra = ", ".join(f"{n}: {100 * v['asr']:.1f}%" for n, v in
+                              (s.get("variants") or {}).items())
+            rows.append(f"| {path.stem} | {config.task.name} | {config.attack.name} | "
+                        f"{100 * s['clean_accuracy']:.2f}% | {delta:+.2f} | "
+                        f"{100 * s['asr']:.2f}% | {100 * s['robust_accuracy']:.2f}% | "
+                        f"{extra or '-'} | {seconds:.0f} |")
+            print(rows[-1], flush=True)
+    header = [
+        f"Attack benchmark ({machine()}); clean-accuracy change is against clean training "
+        "of the same task, model and budget.",
+        "",
+        "| config | task | injection | clean acc | vs clean (pts) | ASR | RA | per backdoor ASR "
+        "| train+eval s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(header + rows) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
