@@ -61,7 +61,8 @@ def draw_gallery(config: Config, out: Path, n: int = 8) -> Path:
     label = (lambda y: names[y] if names and y < len(names) else str(y))  # noqa: E731
     cols = len(clean)
     fig, axes = plt.subplots(3, cols, figsize=(1.4 * cols, 4.6), squeeze=False)
-    rows = [(clean.inputs, clean.labels, "clean"), (triggered.inputs, triggered.labels, "triggered"),
+    rows = [(clean.inputs, clean.labels, "clean"),
+            (triggered.inputs, triggered.labels, "triggered"),
             (diff, None, "|change|")]
     for r, (images, labels, title) in enumerate(rows):
         for c in range(cols):
