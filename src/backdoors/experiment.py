@@ -110,6 +110,24 @@ def _on_device(ds: Dataset, device: torch.device) -> Dataset:
     return ds.to(device) if isinstance(ds, ArrayDataset) and device.type != "cpu" else ds
 
 
+def poisoned_training_set(config: Config, comps: Components) -> tuple[Dataset, torch.Tensor]:
+    """Prepare the trigger on the clean training set, then let the attack poison it; both
+    draw from their own seeded streams, so this is reproducible (resume, defenses)."""
+    trigger_gen = torch.Generator().manual_seed(config.seed * 1000 + TRIGGER_STREAM)
+    comps.synthesizer.prepare(comps.task.train, trigger_gen)
+    poison_gen = torch.Generator().manual_seed(config.seed * 1000 + POISON_STREAM)
+    return comps.attack.poison_training_set(comps.task.train, poison_gen)
+
+
+def evaluation_loaders(comps: Components, device: torch.device, batch_size: int
+                 ) -> tuple[Loader, Loader | None]:
+    """The clean test loader, and a loader of the trigger's own backdoor inputs if any."""
+    workers = getattr(comps.task, "num_workers", 0)
+    test = Loader(_on_device(comps.task.test, device), batch_size, device, num_workers=workers)
+    own = comps.synthesizer.backdoor_test_set()
+    return test, None if own is None else Loader(_on_device(own, device), batch_size, device)
+
+
 class _Interrupt:
     """Turns SIGTERM into KeyboardInterrupt while training, so both leave a resumable run."""
 
@@ -191,14 +209,11 @@ def _execute(
             start_epoch = max(start_epoch, _resume_model(model, tc.resume_model) + 1)
     run_.write_env(config.seed, str(device), resumed=state is not None)
 
-    trigger_gen = torch.Generator().manual_seed(config.seed * 1000 + TRIGGER_STREAM)
-    comps.synthesizer.prepare(comps.task.train, trigger_gen)
+    train_set, poison_idx = poisoned_training_set(config, comps)
     trigger = comps.synthesizer.state_tensors()
     if trigger:
         save_file({k: v.detach().contiguous().cpu() for k, v in trigger.items()},
                   str(run_.path / "trigger.safetensors"))
-    poison_gen = torch.Generator().manual_seed(config.seed * 1000 + POISON_STREAM)
-    train_set, poison_idx = comps.attack.poison_training_set(comps.task.train, poison_gen)
     run_.write_json("attack.json", {
         "synthesizer": comps.synthesizer.spec(),
         "attack": config.attack.as_dict(),
@@ -210,11 +225,7 @@ def _execute(
     train_loader = Loader(_on_device(train_set, device), tc.batch_size, device, shuffle=True,
                           generator=train_gen, augment=augment, max_batches=tc.max_batches,
                           num_workers=getattr(comps.task, "num_workers", 0))
-    test_loader = Loader(_on_device(comps.task.test, device), tc.test_batch_size, device,
-                         num_workers=getattr(comps.task, "num_workers", 0))
-    own_test = comps.synthesizer.backdoor_test_set()
-    backdoor_loader = None if own_test is None else Loader(
-        _on_device(own_test, device), tc.test_batch_size, device)
+    test_loader, backdoor_loader = evaluation_loaders(comps, device, tc.test_batch_size)
     optimizer = make_optimizer(model, tc)
     scheduler = make_scheduler(optimizer, tc)
     best = -1.0
