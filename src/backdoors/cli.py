@@ -1,4 +1,4 @@
-"""The `backdoors` command: train, validate, list, show, gallery.
+"""The `backdoors` command: train, validate, list, show, defend, gallery.
 
 Usage and config errors print one line on stderr and exit with code 2 (no traceback).
 """
@@ -13,7 +13,8 @@ from pathlib import Path
 
 from backdoors.errors import BackdoorsError
 
-LISTABLE = ("tasks", "models", "synthesizers", "attacks", "balancers", "loss_terms")
+LISTABLE = ("tasks", "models", "synthesizers", "attacks", "balancers", "loss_terms",
+            "defenses")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("show", help="print a run's summary")
     s.add_argument("run_dir")
+
+    d = sub.add_parser("defend", help="run a defense on a finished attack run")
+    d.add_argument("run_dir")
+    d.add_argument("--defense", required=True, help="defense name (backdoors list defenses)")
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="defense option, e.g. --set clean_fraction=0.1 (repeatable)")
 
     g = sub.add_parser("gallery", help="draw clean vs triggered test images to a PNG")
     g.add_argument("config")
@@ -105,12 +112,16 @@ def _validate(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     import backdoors.attacks as attacks
     from backdoors.data import TASKS
+    from backdoors.defenses import DEFENSES
     from backdoors.models import MODELS
     from backdoors.synthesizers import SYNTHESIZERS
 
     registry = {"tasks": TASKS, "models": MODELS, "synthesizers": SYNTHESIZERS,
                 "attacks": attacks.ATTACKS, "balancers": attacks.BALANCERS,
-                "loss_terms": attacks.LOSS_TERMS}[args.what]
+                "loss_terms": attacks.LOSS_TERMS, "defenses": DEFENSES}[args.what]
+    if not registry.names():
+        print(f"(no {args.what} registered)")
+        return 0
     width = max(len(n) for n in registry.names())
     for name in registry.names():
         print(f"{name:<{width}}  {registry.describe(name)}")
@@ -123,6 +134,21 @@ def _show(args: argparse.Namespace) -> int:
         return _fail(f"{args.run_dir} is not a run folder (no summary.json)")
     summary = json.loads(path.read_text())
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _defend(args: argparse.Namespace) -> int:
+    from backdoors.config import parse_override
+    from backdoors.defenses.runner import defend
+    from backdoors.defenses.scores import format_result
+
+    kwargs = {}
+    for text in args.overrides:
+        keys, value = parse_override(text)
+        if len(keys) != 1:
+            return _fail(f"--set {text}: defense options are flat (e.g. --set steps=100)")
+        kwargs[keys[0]] = value
+    print(format_result(defend(args.run_dir, args.defense, kwargs)))
     return 0
 
 
@@ -144,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         handler = {"train": _train, "validate": _validate, "list": _list, "show": _show,
-                   "gallery": _gallery}
+                   "gallery": _gallery, "defend": _defend}
         return handler[args.command](args)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2

@@ -1,6 +1,6 @@
 """Native configuration: YAML sections, dotted overrides, validation with did-you-mean.
 
-A config has sections `name, seed, task, model, train, synthesizer, attack`. Components
+A config has sections `name, seed, task, model, train, synthesizer, attack, defenses`. Components
 (task, model, synthesizer, attack) are `{name: ..., **kwargs}` checked against their
 constructor's signature; `train` is the TrainConfig dataclass. Legacy Backdoors 101 flat
 files are detected and converted by `backdoors.compat`. Config objects are frozen.
@@ -19,7 +19,7 @@ import yaml
 from backdoors.errors import ConfigError, did_you_mean
 from backdoors.typecheck import matches_type, type_name
 
-SECTIONS = ("name", "seed", "task", "model", "train", "synthesizer", "attack")
+SECTIONS = ("name", "seed", "task", "model", "train", "synthesizer", "attack", "defenses")
 COMPONENTS = ("task", "model", "synthesizer", "attack")
 
 
@@ -86,6 +86,7 @@ class Config:
     train: TrainConfig
     synthesizer: Component
     attack: Component
+    defenses: tuple[Component, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data, as written to a run's config.yaml."""
@@ -97,6 +98,7 @@ class Config:
             "train": dataclasses.asdict(self.train),
             "synthesizer": self.synthesizer.as_dict(),
             "attack": self.attack.as_dict(),
+            "defenses": [d.as_dict() for d in self.defenses],
         }
 
 
@@ -211,7 +213,18 @@ def from_dict(data: dict[str, Any]) -> Config:
         train=_train(merged.get("train")),
         synthesizer=_component(merged["synthesizer"], "synthesizer"),
         attack=_component(merged["attack"], "attack"),
+        defenses=_defenses(merged.get("defenses")),
     )
+
+
+def _defenses(data: Any) -> tuple[Component, ...]:
+    """`defenses:` is a list of components run, in order, after training."""
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise ConfigError("section 'defenses' must be a list, e.g. defenses: [strip, "
+                          "{name: fine_pruning}]")
+    return tuple(_component(d, f"defenses[{i}]") for i, d in enumerate(data))
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -19,6 +19,7 @@ from backdoors.config import Config, from_dict, read_yaml
 from backdoors.data import TASKS, Loader, Task
 from backdoors.data.augment import random_crop_flip
 from backdoors.data.dataset import ArrayDataset, Dataset
+from backdoors.defenses import DEFENSES
 from backdoors.errors import ConfigError, RunError
 from backdoors.hooks import ConsoleHook, Hook, TensorBoardHook
 from backdoors.models import MODELS
@@ -58,12 +59,16 @@ def build(config: Config) -> Components:
         raise ConfigError(f"synthesizer ({config.synthesizer.name}): {exc}") from None
     attack = ATTACKS.build(config.attack.name, config.attack.kwargs, "attack")
     attack.bind(synthesizer, model)
+    for i, d in enumerate(config.defenses):
+        DEFENSES.build(d.name, d.kwargs, f"defenses[{i}]")
     return Components(task, model, synthesizer, attack)
 
 
 def resolved_config(config: Config, comps: Components) -> dict[str, Any]:
     """The config with every constructor default written out (for config.yaml)."""
     out = config.as_dict()
+    if not out["defenses"]:
+        del out["defenses"]
     for section, registry in (("task", TASKS), ("model", MODELS),
                               ("synthesizer", SYNTHESIZERS), ("attack", ATTACKS)):
         given = out[section] or {"name": comps.task.default_model}
@@ -169,7 +174,8 @@ def run(
     path = new_run_dir(out, name or config.name, exact=name is not None)
     run_ = Run(path)
     run_.write_config(resolved_config(config, comps))
-    return _execute(config, comps, run_, None, hooks, quiet)
+    summary = _execute(config, comps, run_, None, hooks, quiet)
+    return _run_defenses(config, run_, summary, quiet)
 
 
 def resume(run_dir: str | Path, hooks: Sequence[Hook] = (), quiet: bool = False
@@ -185,7 +191,24 @@ def resume(run_dir: str | Path, hooks: Sequence[Hook] = (), quiet: bool = False
     config = from_dict(read_yaml(path / "config.yaml"))
     comps = build(config)
     state = run_.load_state()
-    return _execute(config, comps, run_, state, hooks, quiet)
+    summary = _execute(config, comps, run_, state, hooks, quiet)
+    return _run_defenses(config, run_, summary, quiet)
+
+
+def _run_defenses(config: Config, run_: Run, summary: dict[str, Any], quiet: bool
+                  ) -> dict[str, Any]:
+    """Run the config's `defenses:` on the finished run; results land in summary.json."""
+    if not config.defenses:
+        return summary
+    from backdoors.defenses.runner import Artifact, run_defense
+    from backdoors.defenses.scores import format_result
+
+    artifact = Artifact(run_.path)
+    for d in config.defenses:
+        result = run_defense(artifact, DEFENSES.build(d.name, d.kwargs, "defenses"))
+        if not quiet:
+            print(format_result(result), flush=True)
+    return run_.read_summary()
 
 
 def _execute(

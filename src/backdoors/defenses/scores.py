@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -61,3 +63,21 @@ def der(acc_before: float, acc_after: float, asr_before: float, asr_after: float
     """Defense effectiveness rating (BackdoorBench, arXiv 2206.12654):
     (max(0, ASR drop) - max(0, accuracy drop) + 1) / 2, in [0, 1]; 0.5 = no effect."""
     return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1) / 2
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """One readable line of a defense's headline figures."""
+    def pct(v: Any) -> str:
+        return "n/a" if v is None else f"{100 * v:.2f}%"
+
+    parts = [f"{result['defense']} ({result['stage']})"]
+    if "auroc" in result:
+        parts.append(f"AUROC {result['auroc']:.3f}, TPR@5%FPR {pct(result['tpr_at_5_fpr'])}")
+    if "flagged_classes" in result:
+        parts.append(f"flagged classes {result['flagged_classes']}")
+    if "after" in result:
+        b, a = result["before"], result["after"]
+        parts.append(f"clean {pct(b['clean_accuracy'])} -> {pct(a['clean_accuracy'])}, "
+                     f"ASR {pct(b['asr'])} -> {pct(a['asr'])}, DER {result['der']:.3f}")
+    parts.append(f"{result['seconds']:.1f}s")
+    return " | ".join(parts)
