@@ -231,6 +231,7 @@ def _execute(
         if tc.resume_model:
             start_epoch = max(start_epoch, _resume_model(model, tc.resume_model) + 1)
     run_.write_env(config.seed, str(device), resumed=state is not None)
+    comps.attack.start(model)
 
     train_set, poison_idx = poisoned_training_set(config, comps)
     trigger = comps.synthesizer.state_tensors()

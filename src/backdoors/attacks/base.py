@@ -38,7 +38,11 @@ class Attack(ABC):
         return getattr(type(self), "registry_name", type(self).__name__)
 
     def bind(self, synthesizer: Synthesizer, model: nn.Module) -> None:
+        """Learn the trigger (at build time, before any data or weights load)."""
         self.synthesizer = synthesizer
+
+    def start(self, model: nn.Module) -> None:  # noqa: B027 - optional hook
+        """Training is about to start with these (possibly pretrained) weights."""
 
     def poison_training_set(
         self, dataset: Dataset, generator: torch.Generator

@@ -70,10 +70,10 @@ class BlindAttack(Attack):
         self.recent_normal: deque[float] = deque(maxlen=THRESHOLD_WINDOW)
         self.steps = 0
 
-    def bind(self, synthesizer: Any, model: nn.Module) -> None:
-        super().bind(synthesizer, model)
+    def start(self, model: nn.Module) -> None:
+        # After weights load, so evasion terms see the pre-attack model (e.g. pretrained).
         for term in self.terms.values():
-            term.setup(model)
+            term.setup(model, self.synthesizer)
 
     def _attacking(self, generator: torch.Generator) -> bool:
         if self.loss_threshold is not None:
@@ -100,8 +100,11 @@ class BlindAttack(Attack):
         return StepReport(values, scales)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"recent_normal": list(self.recent_normal), "steps": self.steps}
+        return {"recent_normal": list(self.recent_normal), "steps": self.steps,
+                "terms": {name: term.state_dict() for name, term in self.terms.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.recent_normal = deque(state["recent_normal"], maxlen=THRESHOLD_WINDOW)
         self.steps = int(state["steps"])
+        for name, term_state in state.get("terms", {}).items():
+            self.terms[name].load_state_dict(term_state)
