@@ -1,0 +1,1 @@
+"""Federated learning: aggregation rules (pure functions over client updates)."""
