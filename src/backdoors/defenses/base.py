@@ -84,6 +84,8 @@ class DatasetSanitizer(Defense):
 
     stage = "dataset"
     uses_training_set = True
+    # Figures beyond the scores (e.g. flagged classes); set by `score` where it has any.
+    last_result: DefenseResult = DefenseResult()
 
     @abstractmethod
     def score(self, model: nn.Module, data: DefenseData) -> Tensor:

@@ -116,6 +116,7 @@ def run_defense(artifact: Artifact, defense: Defense) -> dict[str, Any]:
         out.update(_input_detection(defense, model, data, artifact))
     elif isinstance(defense, DatasetSanitizer):
         scores = defense.score(model, data).cpu()
+        extra.figures.update(defense.last_result.figures)
         out.update(_detection(scores, _poison_mask(len(artifact.train), artifact.poison_idx)))
         out["recall_at_1_5x"] = _recall_at(scores, artifact.poison_idx, 1.5)
         extra.artifacts["scores"] = scores

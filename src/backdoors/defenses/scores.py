@@ -54,8 +54,10 @@ def anomaly_index(values: Tensor) -> Tensor:
     """|x - median| / (1.4826 * MAD) per entry; Neural Cleanse flags classes whose trigger
     norm is small with index > 2."""
     values = values.double()
-    median = values.median()
-    mad = MAD_CONSISTENCY * (values - median).abs().median()
+    # quantile(0.5) averages the two middle values for an even count (torch.median
+    # takes the lower one), as the Neural Cleanse reference does.
+    median = values.quantile(0.5)
+    mad = MAD_CONSISTENCY * (values - median).abs().quantile(0.5)
     return (values - median).abs() / mad.clamp(min=1e-12)
 
 

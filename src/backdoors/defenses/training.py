@@ -1,0 +1,75 @@
+"""Shared helpers for repair defenses: fine-tune a model on a dataset, measure accuracy.
+
+Fine-tuning follows BackdoorBench's defaults (SGD, lr 0.01, momentum 0.9, weight decay
+5e-4). Batches are indexed from the in-memory dataset (no per-sample Python) and shuffled
+with the defense's generator, so a repair is reproducible for a given run seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from backdoors.data.dataset import Dataset
+from backdoors.data.loader import Loader
+from backdoors.defenses.base import DefenseData
+
+# Rewrites a training batch (inputs, labels) -> (inputs, labels); e.g. Neural Cleanse's
+# unlearning pastes reversed triggers onto some rows but keeps their true labels.
+BatchTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def finetune(
+    model: nn.Module,
+    dataset: Dataset,
+    data: DefenseData,
+    epochs: int = 10,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    batch_size: int | None = None,
+    transform: BatchTransform | None = None,
+) -> nn.Module:
+    """Train `model` in place on `dataset` with SGD and cross-entropy; return it in eval mode.
+
+    `batch_size` defaults to `data.batch_size`; `transform` may rewrite each batch.
+    """
+    loader = Loader(dataset, batch_size or data.batch_size, data.device, shuffle=True,
+                    generator=data.generator)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    model.train()
+    for _ in range(epochs):
+        for batch in loader:
+            x, y = batch.inputs, batch.labels
+            if transform is not None:
+                x, y = transform(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: Dataset, data: DefenseData,
+            fn: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """`fn(x)` (default: the model's logits) over the whole dataset in eval mode, batched;
+    returns (outputs concatenated in dataset order, labels), both on the CPU."""
+    was_training = model.training
+    model.eval()
+    fn = fn or model
+    outs, labels = [], []
+    for batch in data.loader(dataset):
+        outs.append(fn(batch.inputs).cpu())
+        labels.append(batch.labels.cpu())
+    model.train(was_training)
+    return torch.cat(outs), torch.cat(labels)
+
+
+def accuracy(model: nn.Module, dataset: Dataset, data: DefenseData) -> float:
+    """Top-1 accuracy of `model` on `dataset` (per sample)."""
+    logits, labels = predict(model, dataset, data)
+    return float((logits.argmax(1) == labels).double().mean()) if len(labels) else float("nan")
