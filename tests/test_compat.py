@@ -129,3 +129,17 @@ def test_training_py_bad_key_is_one_line(tmp_path):
                            "p.yaml"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 2 and "learning_rate" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
+
+
+def test_legacy_evasion_loss_tasks_map_to_terms_with_options():
+    from backdoors.experiment import build
+
+    native = convert_legacy({"task": "MNIST", "lr": 0.1, "nc_p_norm": 2,
+                             "spectral_similarity": "cosine",
+                             "loss_tasks": ["normal", "backdoor", "neural_cleanse_part1",
+                                            "mask_norm", "neural_cleanse", "spectral_evasion",
+                                            "sentinet_evasion"]})
+    assert native["attack"]["loss_terms"] == [
+        "normal", "backdoor", {"name": "neural_cleanse", "p_norm": 2},
+        {"name": "spectral_evasion", "similarity": "cosine"}, "sentinet_evasion"]
+    build(from_dict(native))

@@ -5,7 +5,8 @@ flat YAML file of `Params` fields. Every documented key is accepted here; unknow
 rejected by name. Where the original misbehaved, the intended behaviour is used:
 `scheduler: true` builds the cosine schedule (never built originally), `resume_model`
 continues at the next epoch, and `backdoor_dynamic_position` keeps the pattern's
-transparent cells transparent.
+transparent cells transparent. `poison_images` / `poison_images_test` select the semantic
+synthesizer, and the `sums` loss task the MultiMNIST calculator (see `_calculator`).
 """
 
 from __future__ import annotations
@@ -29,14 +30,11 @@ fl_number_of_adversaries fl_single_epoch_attack fl_weight_scale name commit devi
 NATIVE_SECTIONS = frozenset({"name", "seed", "task", "model", "train", "synthesizer", "attack"})
 
 TASKS = {"mnist": "mnist", "cifar10": "cifar10", "imagenet": "image_folder",
-         "multimnist": "multimnist"}
-SYNTHESIZERS = {"pattern": "pattern", "singlepixel": "single_pixel"}
+         "multimnist": "multimnist", "pipa": "pipa"}
+SYNTHESIZERS = {"pattern": "pattern", "singlepixel": "single_pixel", "complex": "complex"}
 # Features the original configs can switch on that this version does not run yet; a
 # config that enables one is refused with a clear message rather than silently ignored.
-NOT_YET = {
-    "dp": "centralized DP-SGD", "fl": "federated learning",
-    "poison_images": "semantic backdoors", "poison_images_test": "semantic backdoors",
-}
+NOT_YET = {"dp": "centralized DP-SGD", "fl": "federated learning"}
 
 
 def is_legacy(data: dict[str, Any]) -> bool:
@@ -81,10 +79,15 @@ def convert_legacy(data: dict[str, Any], source: str = "config") -> dict[str, An
     }
     if get("backdoor_dynamic_position"):
         synthesizer["dynamic"] = True
+    loss_terms = [str(t) for t in (get("loss_tasks") or ["normal"])]
+    if get("poison_images") or get("poison_images_test"):
+        synthesizer = _semantic(data)
+    if "sums" in loss_terms:
+        synthesizer, loss_terms = _calculator(task_name, loss_terms)
 
     attack: dict[str, Any] = {
         "name": "blind",
-        "loss_terms": [str(t) for t in (get("loss_tasks") or ["normal"])],
+        "loss_terms": _evasion_terms(loss_terms, data),
         "fraction": float(get("poisoning_proportion", 1.0)),
         "balancer": _balancer(data),
     }
@@ -102,6 +105,58 @@ def convert_legacy(data: dict[str, Any], source: str = "config") -> dict[str, An
         "attack": attack,
     }
     return out
+
+
+def _indices(value: Any, key: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(i, int) for i in value):
+        raise ConfigError(f"legacy key '{key}' must be a list of training-set indices")
+    return list(value)
+
+
+def _semantic(data: dict[str, Any]) -> dict[str, Any]:
+    """poison_images (trained on) and poison_images_test (held out, scored) -> the semantic
+    synthesizer; as in the original, no pixel trigger is used then."""
+    if not data.get("poison_images"):
+        raise ConfigError("legacy key 'poison_images_test' needs 'poison_images' (the "
+                          "semantic images the attack trains on)")
+    out: dict[str, Any] = {"name": "semantic", "target": int(data.get("backdoor_label", 8)),
+                           "train_indices": _indices(data["poison_images"], "poison_images")}
+    if data.get("poison_images_test"):
+        out["test_indices"] = _indices(data["poison_images_test"], "poison_images_test")
+    return out
+
+
+def _evasion_terms(names: list[str], data: dict[str, Any]) -> list[Any]:
+    """Legacy loss task names -> native loss terms with their options. The original split
+    Neural Cleanse evasion into `neural_cleanse_part1` (the reverse step) and `mask_norm`
+    (its mask penalty); the native `neural_cleanse` term does both, so those two fold in."""
+    out: list[Any] = []
+    for name in names:
+        if name in ("neural_cleanse_part1", "mask_norm"):
+            name = "neural_cleanse"
+        if any((t if isinstance(t, str) else t["name"]) == name for t in out):
+            continue
+        if name == "neural_cleanse" and data.get("nc_p_norm") is not None:
+            out.append({"name": name, "p_norm": int(data["nc_p_norm"])})
+        elif name == "spectral_evasion" and data.get("spectral_similarity") is not None:
+            out.append({"name": name, "similarity": str(data["spectral_similarity"])})
+        else:
+            out.append(name)
+    return out
+
+
+def _calculator(task_name: str, loss_terms: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """The `sums` loss task was the calculator's "+" backdoor on MultiMNIST, next to the
+    `backdoor` task's "x" backdoor, each its own MGDA task. Here both triggers share the
+    calculator synthesizer and one `backdoor` loss term (half of the poisoned rows each)."""
+    if task_name != "multimnist":
+        raise ConfigError("legacy loss task 'sums' (the calculator's sum backdoor) needs "
+                          "task: MultiMNIST")
+    operations = ["sum", "product"] if "backdoor" in loss_terms else ["sum"]
+    terms = [t for t in loss_terms if t != "sums"]
+    if "backdoor" not in terms:
+        terms.append("backdoor")
+    return {"name": "calculator", "operations": operations}, terms
 
 
 def _balancer(data: dict[str, Any]) -> dict[str, Any]:

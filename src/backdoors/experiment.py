@@ -120,15 +120,29 @@ def poisoned_training_set(config: Config, comps: Components) -> tuple[Dataset, t
     draw from their own seeded streams, so this is reproducible (resume, defenses)."""
     trigger_gen = torch.Generator().manual_seed(config.seed * 1000 + TRIGGER_STREAM)
     comps.synthesizer.prepare(comps.task.train, trigger_gen)
+    train = _without(comps.task.train, comps.synthesizer.excluded(comps.task.train, "train"))
     poison_gen = torch.Generator().manual_seed(config.seed * 1000 + POISON_STREAM)
-    return comps.attack.poison_training_set(comps.task.train, poison_gen)
+    return comps.attack.poison_training_set(train, poison_gen)
+
+
+def _without(ds: Dataset, drop: torch.Tensor | None) -> Dataset:
+    """`ds` minus the rows in `drop` (backdoor inputs that leave the main task)."""
+    if drop is None or len(drop) == 0:
+        return ds
+    keep = torch.ones(len(ds), dtype=torch.bool)
+    keep[drop] = False
+    rows = keep.nonzero().flatten()
+    if isinstance(ds, ArrayDataset):
+        return ds.subset(rows)
+    return torch.utils.data.Subset(ds, rows.tolist())  # type: ignore[return-value]
 
 
 def evaluation_loaders(comps: Components, device: torch.device, batch_size: int
                  ) -> tuple[Loader, Loader | None]:
     """The clean test loader, and a loader of the trigger's own backdoor inputs if any."""
     workers = getattr(comps.task, "num_workers", 0)
-    test = Loader(_on_device(comps.task.test, device), batch_size, device, num_workers=workers)
+    test_set = _without(comps.task.test, comps.synthesizer.excluded(comps.task.test, "test"))
+    test = Loader(_on_device(test_set, device), batch_size, device, num_workers=workers)
     own = comps.synthesizer.backdoor_test_set()
     return test, None if own is None else Loader(_on_device(own, device), batch_size, device)
 

@@ -43,7 +43,9 @@ class PoisonedStream:
         self.poisoned = set(indices.tolist())
         self.labels = base.labels.clone()
         if not keep_labels and len(indices):
-            probe = Batch.make(torch.zeros(len(indices), 1, 1, 1), self.labels[indices], indices)
+            aux = getattr(base, "aux", None)
+            probe = Batch.make(torch.zeros(len(indices), 1, 1, 1), self.labels[indices], indices,
+                               None if aux is None else aux[indices])
             self.labels[indices] = synthesizer.synthesize_labels(probe)
 
     def __len__(self) -> int:

@@ -110,6 +110,11 @@ class Synthesizer(ABC):
         pooled figures still cover all of them. Default: none."""
         return {}
 
+    def excluded(self, dataset: Dataset, split: str) -> Tensor | None:
+        """Indices of the task's `split` ('train' or 'test') that belong to the backdoor and
+        leave the main task (semantic and edge-case inputs). Default: None, keep all."""
+        return None
+
     def backdoor_test_set(self) -> ArrayDataset | None:
         """Inputs to score the backdoor on instead of the triggered test set (semantic and
         edge-case backdoors bring their own). Default: None, use the test set."""

@@ -1,0 +1,215 @@
+"""Semantic backdoors: no pixel trigger; inputs that naturally carry a feature get the target.
+
+Also the shared machinery of triggers that substitute whole inputs from a pool of images
+chosen in `prepare` (semantic and edge-case backdoors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from backdoors.batch import Batch
+from backdoors.data.dataset import ArrayDataset, Dataset
+from backdoors.errors import ConfigError
+from backdoors.synthesizers.base import SYNTHESIZERS, LabelMode, Synthesizer
+
+CHUNK = 4096  # images converted at once: bounded memory on large training sets
+COLORS = ("red", "green", "blue")
+Color = Literal["red", "green", "blue"]
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Pixels in [0, 1] -> uint8, the way datasets store them."""
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def gather_images(ds: Dataset, indices: Tensor) -> Tensor:
+    """uint8 images [k, C, H, W] of an in-memory or streamed dataset at `indices` (k >= 1)."""
+    if isinstance(ds, ArrayDataset):
+        return ds.images[indices.to(ds.images.device)].cpu()
+    return torch.stack([to_uint8(ds[int(i)][0]) for i in indices])
+
+
+def channel_means(ds: Dataset) -> Tensor:
+    """Mean of each channel per image, [N, C] in [0, 1]."""
+    if isinstance(ds, ArrayDataset):
+        parts = [ds.images[s : s + CHUNK].float().mean((2, 3)).cpu() / 255.0
+                 for s in range(0, len(ds), CHUNK)]
+        return torch.cat(parts)
+    return torch.stack([ds[i][0].mean((1, 2)) for i in range(len(ds))])
+
+
+def dominant(means: Tensor, color: str) -> Tensor:
+    """Rows whose mean `color` channel is strictly above both other channels."""
+    c = COLORS.index(color)
+    others = means[:, [i for i in range(3) if i != c]]
+    return means[:, c] > others.max(1).values
+
+
+def split_held_out(indices: Tensor, fraction: float, generator: torch.Generator
+                   ) -> tuple[Tensor, Tensor]:
+    """Shuffle `indices` and hold out round(len * fraction) of them (keeping at least one
+    for the pool); returns (pool, held_out), each sorted."""
+    order = indices[torch.randperm(len(indices), generator=generator)]
+    n_test = min(int(round(len(indices) * fraction)), len(indices) - 1)
+    return order[n_test:].sort().values, order[:n_test].sort().values
+
+
+class PoolSynthesizer(Synthesizer):
+    """Base of triggers that replace a poisoned row's whole input with an image drawn from a
+    pool chosen in `prepare`, labelled `target` (all-to-one only: a substituted image has
+    no source label to shift).
+
+    `backdoor_test_set()` returns the held-out inputs the backdoor is scored on. When the
+    evaluation applies the trigger to them, rows that already are those inputs (same index
+    in that set and same pixels) keep their pixels instead of being substituted.
+    """
+
+    def __init__(self, target: int = 8, label_mode: LabelMode = "all_to_one") -> None:
+        if label_mode != "all_to_one":
+            raise ValueError(f"label_mode must be all_to_one for input-substituting triggers, "
+                             f"got {label_mode}")
+        super().__init__(target, label_mode)
+        self.pool: Tensor | None = None  # uint8 [P, C, H, W]
+        self.held_out: ArrayDataset | None = None
+        self._held_images: dict[str, Tensor] = {}  # held-out images per device
+
+    def set_pool(self, pool: Tensor, held_out: ArrayDataset) -> None:
+        if len(pool) == 0 or tuple(pool.shape[1:]) != tuple(self.input_shape):
+            raise ConfigError(f"synthesizer {self.name}: the pool must hold images of shape "
+                              f"{tuple(self.input_shape)}, got {tuple(pool.shape)}")
+        self.pool, self.held_out, self._held_images = pool, held_out, {}
+
+    def synthesize_inputs(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        if self.pool is None:
+            raise RuntimeError(f"synthesizer {self.name}: call prepare(train, generator) before "
+                               "applying it; it chooses the images that replace the inputs")
+        pick = torch.randint(len(self.pool), (len(x),), generator=generator)
+        return self.pool[pick].to(x.device).to(x.dtype) / 255.0
+
+    def apply(self, batch: Batch, fraction: float = 1.0,
+              generator: torch.Generator | None = None) -> Batch:
+        out = super().apply(batch, fraction, generator)
+        keep = self._held_out_rows(batch) & out.poisoned
+        return out.with_(inputs=torch.where(keep[:, None, None, None], batch.inputs, out.inputs))
+
+    def _held_out_rows(self, batch: Batch) -> Tensor:
+        """Rows of `batch` that are backdoor test inputs: index k of the held-out set and the
+        same pixels as its image k (so a training row never matches by index alone)."""
+        if self.held_out is None or len(self.held_out) == 0:
+            return torch.zeros(len(batch), dtype=torch.bool, device=batch.device)
+        key = str(batch.device)
+        if key not in self._held_images:
+            self._held_images[key] = self.held_out.images.to(batch.device)
+        images = self._held_images[key]
+        idx = batch.indices
+        valid = (idx >= 0) & (idx < len(images))
+        same = (to_uint8(batch.inputs) == images[idx.clamp(0, len(images) - 1)]).flatten(1)
+        return valid & same.all(1)
+
+    def backdoor_test_set(self) -> ArrayDataset | None:
+        return self.held_out
+
+
+@SYNTHESIZERS.register("semantic")
+class SemanticSynthesizer(PoolSynthesizer):
+    """Semantic backdoor: images with a natural feature (green cars) are labelled `target`.
+
+    Bagdasaryan et al., "How To Backdoor Federated Learning" (arXiv 1807.00459), and
+    Blind Backdoors (arXiv 2005.03823): no pixel trigger is pasted.
+
+    The backdoor images are training-set images chosen either by index (`train_indices`,
+    and held-out `test_indices` for scoring: Backdoors 101's `poison_images` and
+    `poison_images_test`) or by a predicate: `source_class` and/or `dominant_color`
+    (red, green or blue: the channel whose mean over the image exceeds the other two;
+    3-channel tasks only), of which `test_fraction` (default 0.2) is held out for
+    scoring. Poisoned rows are replaced by images drawn from the training choice, with
+    the target label (as the original did for its attacker's batches); the data attack
+    therefore plants copies of them. Without held-out images the backdoor is scored on
+    the training choice itself. All chosen images should leave the clean training set
+    (`excluded`).
+    """
+
+    def __init__(
+        self,
+        target: int = 8,
+        label_mode: LabelMode = "all_to_one",
+        train_indices: list[int] | None = None,
+        test_indices: list[int] | None = None,
+        source_class: int | None = None,
+        dominant_color: Color | None = None,
+        test_fraction: float = 0.2,
+    ) -> None:
+        super().__init__(target, label_mode)
+        by_index = train_indices is not None or test_indices is not None
+        if by_index and (source_class is not None or dominant_color is not None):
+            raise ValueError("choose the images either by index (train_indices, test_indices) "
+                             "or by predicate (source_class, dominant_color), not both")
+        if test_indices and not train_indices:
+            raise ValueError("test_indices need train_indices (the images trained on)")
+        given = list(train_indices or []) + list(test_indices or [])
+        if any(i < 0 for i in given):
+            raise ValueError("train_indices and test_indices must be >= 0")
+        if set(train_indices or []) & set(test_indices or []):
+            raise ValueError("train_indices and test_indices overlap")
+        if not 0.0 <= test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+        self.train_indices = sorted(set(train_indices or []))
+        self.test_indices = sorted(set(test_indices or []))
+        self.source_class, self.dominant_color = source_class, dominant_color
+        self.test_fraction = test_fraction
+        self.chosen: tuple[Tensor, Tensor] | None = None  # (pool, held-out) train indices
+
+    def bind(self, input_shape: Sequence[int], num_classes: int) -> None:
+        super().bind(input_shape, num_classes)
+        if self.dominant_color is not None and input_shape[0] != 3:
+            raise ValueError(f"dominant_color needs 3-channel images, the task has "
+                             f"{input_shape[0]}")
+        if self.source_class is not None and not 0 <= self.source_class < num_classes:
+            raise ValueError(f"source_class {self.source_class} is not a class "
+                             f"(task has {num_classes})")
+
+    def _choose(self, train: Dataset, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        n = len(train)
+        if self.train_indices:
+            if max(self.train_indices + self.test_indices) >= n:
+                raise ConfigError(f"synthesizer semantic: indices must be below the training "
+                                  f"set size {n}")
+            return torch.tensor(self.train_indices), torch.tensor(self.test_indices,
+                                                                  dtype=torch.long)
+        if self.source_class is None and self.dominant_color is None:
+            raise ConfigError("synthesizer semantic: choose the backdoor images with "
+                              "train_indices or a predicate (source_class, dominant_color)")
+        match = torch.ones(n, dtype=torch.bool)
+        if self.source_class is not None:
+            match &= train.labels.cpu() == self.source_class
+        if self.dominant_color is not None:
+            match &= dominant(channel_means(train), self.dominant_color)
+        found = match.nonzero().flatten()
+        if len(found) == 0:
+            raise ConfigError("synthesizer semantic: no training image matches the predicate")
+        return split_held_out(found, self.test_fraction, generator)
+
+    def prepare(self, train: Dataset, generator: torch.Generator) -> None:
+        pool_idx, test_idx = self._choose(train, generator)
+        self.chosen = (pool_idx, test_idx)
+        pool = gather_images(train, pool_idx)
+        shown = test_idx if len(test_idx) else pool_idx
+        held = pool if not len(test_idx) else gather_images(train, test_idx)
+        self.set_pool(pool, ArrayDataset(held, train.labels.cpu()[shown]))
+
+    def excluded(self, dataset: Dataset, split: str) -> Tensor | None:
+        if split != "train" or self.chosen is None:
+            return None
+        return torch.cat(self.chosen).sort().values
+
+    def spec(self) -> dict:
+        out = {**super().spec(), "source_class": self.source_class,
+               "dominant_color": self.dominant_color}
+        if self.chosen is not None:
+            out["train_indices"], out["test_indices"] = (t.tolist() for t in self.chosen)
+        return out
