@@ -80,15 +80,24 @@ class ImageFolderDataset:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
-        path = self.paths[index]
-        try:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise DataError(f"cannot decode image {path}: {exc}") from None
-        pixels = np.array(resize_center_crop(rgb, self.resize, self.image_size))
-        x = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
+        x = load_image(self.paths[index], self.resize, self.image_size)
         return x, int(self.labels[index]), -1
+
+
+def load_image(path: str, resize: int, image_size: int,
+               box: tuple[int, int, int, int] | None = None) -> Tensor:
+    """Decode an image as RGB, optionally crop `box` (PIL pads past the border with black),
+    resize the shorter side to `resize`, centre-crop `image_size`; float [3, H, W] in [0, 1].
+    """
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+            if box is not None:
+                rgb = rgb.crop(box)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot decode image {path}: {exc}") from None
+    pixels = np.array(resize_center_crop(rgb, resize, image_size))
+    return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
 
 
 @TASKS.register("image_folder")

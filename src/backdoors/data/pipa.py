@@ -13,12 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
-from backdoors.data.image_folder import resize_center_crop
+from backdoors.data.image_folder import load_image
 from backdoors.data.task import TASKS, Task
 from backdoors.errors import DataError
 
@@ -102,15 +100,8 @@ class PipaDataset:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
-        path = self.paths[index]
-        try:
-            with Image.open(path) as image:
-                # PIL pads a crop reaching past the border with black, like the original.
-                crop = image.convert("RGB").crop(self.boxes[index])
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise DataError(f"cannot decode image {path}: {exc}") from None
-        pixels = np.array(resize_center_crop(crop, self.resize, self.image_size))
-        x = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
+        # The crop may reach past the border: padded with black, like the original.
+        x = load_image(self.paths[index], self.resize, self.image_size, self.boxes[index])
         return x, int(self.labels[index]), int(self.aux[index])
 
 
