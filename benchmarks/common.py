@@ -26,3 +26,18 @@ def mnist_split_dir() -> Path:
 def machine() -> str:
     return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
             f"torch {torch.__version__}")
+
+
+def data_overrides(config_path: Path) -> list[str]:
+    """Point MNIST and CIFAR tasks at the cached real data."""
+    from backdoors.config import load_config
+
+    task = load_config(config_path).task.name
+    if task in ("mnist", "multimnist", "counting"):
+        return [f"task.data_dir={mnist_split_dir()}"]
+    if task == "cifar10":
+        from backdoors.data.cifar import extract_shared_cifar
+
+        root = extract_shared_cifar(SHARED_DATA / "cifar10-jpg.tar.gz", CACHE / "cifar10-jpg")
+        return [f"task.data_dir={root}"]
+    return []

@@ -50,6 +50,10 @@ def cell(result: dict[str, Any]) -> str:
     parts = []
     if "auroc" in result:
         parts.append(f"AUROC {result['auroc']:.2f}, TPR@5 {pct(result['tpr_at_5_fpr'])}")
+    for key in ("removed", "isolated"):
+        if key in result:
+            parts.append(f"{key} {result[key]} (recall {pct(result[f'{key}_recall'])}, "
+                         f"precision {pct(result[f'{key}_precision'])})")
     if "flagged_classes" in result:
         idx = result.get("target_anomaly_index")
         parts.append(f"flagged {result['flagged_classes']}" +

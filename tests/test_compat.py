@@ -57,7 +57,6 @@ def test_detection():
 @pytest.mark.parametrize("data, needle", [
     ({"task": "MNIST", "lr": 0.1, "lrr": 0.2}, "unknown legacy key 'lrr'"),
     ({"task": "MNISTT", "lr": 0.1}, "did you mean 'mnist'"),
-    ({"task": "MNIST", "lr": 0.1, "fl": True}, "federated"),
     ({"task": "MNIST", "lr": 0.1, "loss_balance": "magic"}, "loss_balance"),
 ])
 def test_bad_legacy_values(data, needle):
@@ -140,6 +139,16 @@ def test_legacy_evasion_loss_tasks_map_to_terms_with_options():
                                             "mask_norm", "neural_cleanse", "spectral_evasion",
                                             "sentinet_evasion"]})
     assert native["attack"]["loss_terms"] == [
-        "normal", "backdoor", {"name": "neural_cleanse", "p_norm": 2},
+        "normal", "backdoor", {"name": "neural_cleanse", "p_norm": 2}, "mask_norm",
         {"name": "spectral_evasion", "similarity": "cosine"}, "sentinet_evasion"]
     build(from_dict(native))
+
+
+def test_legacy_mask_norm_without_neural_cleanse_is_refused():
+    from backdoors.experiment import build
+
+    native = convert_legacy({"task": "MNIST", "lr": 0.1,
+                             "loss_tasks": ["normal", "backdoor", "mask_norm"]})
+    assert native["attack"]["loss_terms"] == ["normal", "backdoor", "mask_norm"]
+    with pytest.raises(ConfigError, match="'mask_norm'.*'neural_cleanse'"):
+        build(from_dict(native))

@@ -66,3 +66,10 @@ def test_format_result_is_one_line():
                           "before": {"clean_accuracy": 0.9, "asr": 1.0},
                           "after": {"clean_accuracy": 0.88, "asr": 0.05}})
     assert "\n" not in line and "ASR 100.00% -> 5.00%" in line
+
+
+def test_format_result_shows_what_a_defense_removed():
+    line = format_result({"defense": "x", "stage": "dataset", "seconds": 1.0, "auroc": 0.9,
+                          "tpr_at_5_fpr": 0.5, "removed": 120, "removed_recall": 0.95,
+                          "removed_precision": 0.8})
+    assert "removed 120 (recall 95.00%, precision 80.00%)" in line

@@ -100,3 +100,16 @@ def test_blind_attack_balances_all_evasion_terms(tiny):
     assert sum(report.scales.values()) == pytest.approx(1.0)
     state = c.attack.state_dict()
     assert set(state["terms"]["neural_cleanse"]) == {"mask", "pattern", "optimizer"}
+
+
+def test_neural_cleanse_balances_the_mask_penalty_like_backdoors_101(comps):
+    # Default: MGDA weighs the reverse loss against |mask|_1 (the mask shrinks fast); a
+    # fixed weight of NC's initial 1e-3 barely restrains it.
+    ctx = _context(comps, 32)
+    sizes = {}
+    for weight in (None, 1e-3):
+        term = _term("neural_cleanse", comps, mask_lr=0.1, mask_weight=weight)
+        for _ in range(10):
+            term(LossContext(comps.model, ctx.clean, ctx.backdoor))
+        sizes[weight] = float(term.trigger()[0].detach().sum())
+    assert sizes[None] < 0.5 * sizes[1e-3]

@@ -14,7 +14,7 @@ from pathlib import Path
 from backdoors.errors import BackdoorsError
 
 LISTABLE = ("tasks", "models", "synthesizers", "attacks", "balancers", "loss_terms",
-            "defenses")
+            "defenses", "aggregators")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -113,12 +113,14 @@ def _list(args: argparse.Namespace) -> int:
     import backdoors.attacks as attacks
     from backdoors.data import TASKS
     from backdoors.defenses import DEFENSES
+    from backdoors.federated.aggregators import AGGREGATORS
     from backdoors.models import MODELS
     from backdoors.synthesizers import SYNTHESIZERS
 
     registry = {"tasks": TASKS, "models": MODELS, "synthesizers": SYNTHESIZERS,
                 "attacks": attacks.ATTACKS, "balancers": attacks.BALANCERS,
-                "loss_terms": attacks.LOSS_TERMS, "defenses": DEFENSES}[args.what]
+                "loss_terms": attacks.LOSS_TERMS, "defenses": DEFENSES,
+                "aggregators": AGGREGATORS}[args.what]
     if not registry.names():
         print(f"(no {args.what} registered)")
         return 0

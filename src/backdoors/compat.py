@@ -7,6 +7,7 @@ rejected by name. Where the original misbehaved, the intended behaviour is used:
 continues at the next epoch, and `backdoor_dynamic_position` keeps the pattern's
 transparent cells transparent. `poison_images` / `poison_images_test` select the semantic
 synthesizer, and the `sums` loss task the MultiMNIST calculator (see `_calculator`).
+`fl: true` adds the native `federated:` section (see `_federated`).
 """
 
 from __future__ import annotations
@@ -30,11 +31,8 @@ fl_number_of_adversaries fl_single_epoch_attack fl_weight_scale name commit devi
 NATIVE_SECTIONS = frozenset({"name", "seed", "task", "model", "train", "synthesizer", "attack"})
 
 TASKS = {"mnist": "mnist", "cifar10": "cifar10", "imagenet": "image_folder",
-         "multimnist": "multimnist", "pipa": "pipa"}
+         "multimnist": "multimnist", "pipa": "pipa", "cifarfed": "cifar10"}
 SYNTHESIZERS = {"pattern": "pattern", "singlepixel": "single_pixel", "complex": "complex"}
-# Features the original configs can switch on that this version does not run yet; a
-# config that enables one is refused with a clear message rather than silently ignored.
-NOT_YET = {"dp": "centralized DP-SGD", "fl": "federated learning"}
 
 
 def is_legacy(data: dict[str, Any]) -> bool:
@@ -58,10 +56,6 @@ def convert_legacy(data: dict[str, Any], source: str = "config") -> dict[str, An
         if key not in LEGACY_KEYS:
             raise ConfigError(f"{source}: unknown legacy key '{key}'"
                               f"{did_you_mean(key, LEGACY_KEYS)}")
-    for key, what in NOT_YET.items():
-        if data.get(key):
-            raise ConfigError(f"{source}: legacy key '{key}' ({what}) is not supported by "
-                              "this version of backdoors")
     data = {k: v for k, v in data.items() if v is not None}  # null means "the default"
     get = data.get
     task_name = _lookup(TASKS, get("task", "MNIST"), "task")
@@ -104,7 +98,43 @@ def convert_legacy(data: dict[str, Any], source: str = "config") -> dict[str, An
         "synthesizer": synthesizer,
         "attack": attack,
     }
+    if get("fl"):
+        out["federated"] = _federated(data)
+        # Federated clients train with a constant lr (each round starts a fresh local
+        # optimiser, as in the original, which built no schedule for them).
+        for key in ("scheduler", "milestones"):
+            out["train"].pop(key, None)
     return out
+
+
+def _federated(data: dict[str, Any]) -> dict[str, Any]:
+    """fl_* keys -> the native `federated:` section; `epochs` counts rounds. Missing keys
+    take the original defaults (100 of 80,000 participants per round, 2 local epochs,
+    eta 1). The Dirichlet split is the fixed one (sizes add up); fl_diff_privacy selects
+    the weak_dp aggregator (clip each update to fl_dp_clip, noise fl_dp_noise)."""
+    get = data.get
+    fed: dict[str, Any] = {
+        "rounds": int(get("epochs", 1)),
+        "participants": int(get("fl_total_participants", 80000)),
+        "per_round": int(get("fl_no_models", 100)),
+        "local_epochs": int(get("fl_local_epochs", 2)),
+        "eta": float(get("fl_eta", 1)),
+        "adversaries": int(get("fl_number_of_adversaries", 0)),
+        "weight_scale": float(get("fl_weight_scale", 1)),
+    }
+    if get("fl_sample_dirichlet"):
+        fed["split"] = "dirichlet"
+        if get("fl_dirichlet_alpha") is not None:
+            fed["alpha"] = float(get("fl_dirichlet_alpha"))
+    if get("fl_single_epoch_attack") is not None:
+        fed["attack_round"] = int(get("fl_single_epoch_attack"))
+    if get("fl_diff_privacy"):
+        fed["aggregator"] = {"name": "weak_dp"}
+        if get("fl_dp_clip") is not None:
+            fed["aggregator"]["clip"] = float(get("fl_dp_clip"))
+        if get("fl_dp_noise") is not None:
+            fed["aggregator"]["noise"] = float(get("fl_dp_noise"))
+    return fed
 
 
 def _indices(value: Any, key: str) -> list[int]:
@@ -128,11 +158,12 @@ def _semantic(data: dict[str, Any]) -> dict[str, Any]:
 
 def _evasion_terms(names: list[str], data: dict[str, Any]) -> list[Any]:
     """Legacy loss task names -> native loss terms with their options. The original split
-    Neural Cleanse evasion into `neural_cleanse_part1` (the reverse step) and `mask_norm`
-    (its mask penalty); the native `neural_cleanse` term does both, so those two fold in."""
+    Neural Cleanse evasion into `neural_cleanse_part1` (the reverse step, which the native
+    `neural_cleanse` term runs itself, so it folds in) and `mask_norm` (the mask penalty,
+    weighed against it by the balancer: the native `mask_norm` term)."""
     out: list[Any] = []
     for name in names:
-        if name in ("neural_cleanse_part1", "mask_norm"):
+        if name == "neural_cleanse_part1":
             name = "neural_cleanse"
         if any((t if isinstance(t, str) else t["name"]) == name for t in out):
             continue
@@ -175,7 +206,9 @@ def _train(data: dict[str, Any]) -> dict[str, Any]:
     simple = {"epochs": "epochs", "start_epoch": "start_epoch", "lr": "lr",
               "momentum": "momentum", "decay": "weight_decay", "batch_size": "batch_size",
               "test_batch_size": "test_batch_size", "log_interval": "log_interval",
-              "max_batch_id": "max_batches", "tb": "tensorboard"}
+              "max_batch_id": "max_batches", "tb": "tensorboard",
+              # DP-SGD (crashed in the original): dp_sigma is the noise multiplier.
+              "dp": "dp", "dp_clip": "dp_clip", "dp_sigma": "dp_sigma"}
     for legacy, native in simple.items():
         if get(legacy) is not None:
             train[native] = get(legacy)

@@ -1,6 +1,7 @@
 """Native configuration: YAML sections, dotted overrides, validation with did-you-mean.
 
-A config has sections `name, seed, task, model, train, synthesizer, attack, defenses`. Components
+A config has sections `name, seed, task, model, train, synthesizer, attack, defenses` and
+the optional `federated` (backdoors.federated.settings). Components
 (task, model, synthesizer, attack) are `{name: ..., **kwargs}` checked against their
 constructor's signature; `train` is the TrainConfig dataclass. Legacy Backdoors 101 flat
 files are detected and converted by `backdoors.compat`. Config objects are frozen.
@@ -12,14 +13,18 @@ import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from backdoors.errors import ConfigError, did_you_mean
 from backdoors.typecheck import matches_type, type_name
 
-SECTIONS = ("name", "seed", "task", "model", "train", "synthesizer", "attack", "defenses")
+if TYPE_CHECKING:
+    from backdoors.federated.settings import FederatedConfig
+
+SECTIONS = ("name", "seed", "task", "model", "train", "synthesizer", "attack", "defenses",
+            "federated")
 COMPONENTS = ("task", "model", "synthesizer", "attack")
 
 
@@ -31,6 +36,8 @@ class TrainConfig:
     of `milestones`). device: auto (CUDA when available, else CPU), cpu, cuda, cuda:N.
     pretrained: a weights file (safetensors or a checkpoint) to start from; resume_model:
     a checkpoint whose weights are loaded and whose epoch + 1 is the first epoch trained.
+    dp: DP-SGD (docs/privacy.md): clip each sample's gradient to L2 norm `dp_clip`, add
+    Gaussian noise with std `dp_sigma` * `dp_clip`; epsilon is reported for `dp_delta`.
     """
 
     epochs: int = 10
@@ -52,6 +59,10 @@ class TrainConfig:
     progress: bool = True
     pretrained: str | None = None
     resume_model: str | None = None
+    dp: bool = False
+    dp_clip: float = 1.0
+    dp_sigma: float = 1.0
+    dp_delta: float = 1e-5
 
     def __post_init__(self) -> None:
         for key in ("epochs", "start_epoch", "batch_size", "test_batch_size", "log_interval"):
@@ -61,6 +72,12 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if self.max_batches is not None and self.max_batches < 1:
             raise ConfigError(f"train.max_batches must be >= 1, got {self.max_batches}")
+        if self.dp_clip <= 0:
+            raise ConfigError(f"train.dp_clip must be > 0, got {self.dp_clip}")
+        if self.dp_sigma < 0:
+            raise ConfigError(f"train.dp_sigma must be >= 0, got {self.dp_sigma}")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"train.dp_delta must be in (0, 1), got {self.dp_delta}")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got "
                               f"'{self.device}'")
@@ -87,6 +104,7 @@ class Config:
     synthesizer: Component
     attack: Component
     defenses: tuple[Component, ...] = ()
+    federated: FederatedConfig | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data, as written to a run's config.yaml."""
@@ -99,6 +117,7 @@ class Config:
             "synthesizer": self.synthesizer.as_dict(),
             "attack": self.attack.as_dict(),
             "defenses": [d.as_dict() for d in self.defenses],
+            **({"federated": self.federated.as_dict()} if self.federated else {}),
         }
 
 
@@ -194,6 +213,8 @@ def _train(data: Any) -> TrainConfig:
 
 def from_dict(data: dict[str, Any]) -> Config:
     """Validate a native config mapping (structure and types; components by name)."""
+    from backdoors.federated.settings import parse_federated  # imports this module
+
     for key in data:
         if key not in SECTIONS:
             raise ConfigError(f"unknown section '{key}'{did_you_mean(key, SECTIONS)}; "
@@ -214,6 +235,7 @@ def from_dict(data: dict[str, Any]) -> Config:
         synthesizer=_component(merged["synthesizer"], "synthesizer"),
         attack=_component(merged["attack"], "attack"),
         defenses=_defenses(merged.get("defenses")),
+        federated=parse_federated(merged.get("federated")),
     )
 
 

@@ -25,12 +25,15 @@ from backdoors.hooks import ConsoleHook, Hook, TensorBoardHook
 from backdoors.models import MODELS
 from backdoors.runs import Run, load_weights, new_run_dir
 from backdoors.synthesizers import SYNTHESIZERS, Synthesizer
+from backdoors.training.accounting import epsilon, sample_rate
+from backdoors.training.dp import DPSGD
 from backdoors.training.optim import make_optimizer, make_scheduler, resolve_device
 from backdoors.training.trainer import EpochStats, Trainer
 
 # Independent random streams derived from the seed, so that changing one part of a run
 # (e.g. the number of evaluation batches) never shifts another (e.g. the poison subset).
 POISON_STREAM, TRAIN_STREAM, EVAL_STREAM, TRIGGER_STREAM = 1, 2, 3, 4
+DP_NOISE_STREAM = 5
 PRETRAINED_DIR = Path("~/.cache/backdoors/pretrained").expanduser()
 
 
@@ -59,6 +62,11 @@ def build(config: Config) -> Components:
         raise ConfigError(f"synthesizer ({config.synthesizer.name}): {exc}") from None
     attack = ATTACKS.build(config.attack.name, config.attack.kwargs, "attack")
     attack.bind(synthesizer, model)
+    if config.federated is not None:
+        config.federated.check_train(config.train)
+    if config.train.dp:  # DP-SGD wraps the attack's step; refuses what it cannot run
+        attack = DPSGD(attack, model, config.train.dp_clip, config.train.dp_sigma,
+                       seed=config.seed * 1000 + DP_NOISE_STREAM)
     for i, d in enumerate(config.defenses):
         DEFENSES.build(d.name, d.kwargs, f"defenses[{i}]")
     return Components(task, model, synthesizer, attack)
@@ -69,6 +77,8 @@ def resolved_config(config: Config, comps: Components) -> dict[str, Any]:
     out = config.as_dict()
     if not out["defenses"]:
         del out["defenses"]
+    if config.federated is not None:
+        out["federated"] = config.federated.resolved()
     for section, registry in (("task", TASKS), ("model", MODELS),
                               ("synthesizer", SYNTHESIZERS), ("attack", ATTACKS)):
         given = out[section] or {"name": comps.task.default_model}
@@ -115,12 +125,18 @@ def _on_device(ds: Dataset, device: torch.device) -> Dataset:
     return ds.to(device) if isinstance(ds, ArrayDataset) and device.type != "cpu" else ds
 
 
-def poisoned_training_set(config: Config, comps: Components) -> tuple[Dataset, torch.Tensor]:
-    """Prepare the trigger on the clean training set, then let the attack poison it; both
-    draw from their own seeded streams, so this is reproducible (resume, defenses)."""
+def clean_training_set(config: Config, comps: Components) -> Dataset:
+    """Prepare the trigger on the clean training set (seeded stream) and drop the rows the
+    trigger takes out of the main task."""
     trigger_gen = torch.Generator().manual_seed(config.seed * 1000 + TRIGGER_STREAM)
     comps.synthesizer.prepare(comps.task.train, trigger_gen)
-    train = _without(comps.task.train, comps.synthesizer.excluded(comps.task.train, "train"))
+    return _without(comps.task.train, comps.synthesizer.excluded(comps.task.train, "train"))
+
+
+def poisoned_training_set(config: Config, comps: Components) -> tuple[Dataset, torch.Tensor]:
+    """The clean training set poisoned by the attack; both steps draw from their own seeded
+    streams, so this is reproducible (resume, defenses)."""
+    train = clean_training_set(config, comps)
     poison_gen = torch.Generator().manual_seed(config.seed * 1000 + POISON_STREAM)
     return comps.attack.poison_training_set(train, poison_gen)
 
@@ -188,7 +204,12 @@ def run(
     path = new_run_dir(out, name or config.name, exact=name is not None)
     run_ = Run(path)
     run_.write_config(resolved_config(config, comps))
-    summary = _execute(config, comps, run_, None, hooks, quiet)
+    if config.federated is not None:
+        from backdoors.federated.simulation import run_federated
+
+        summary = run_federated(config, comps, run_, None, hooks, quiet)
+    else:
+        summary = _execute(config, comps, run_, None, hooks, quiet)
     return _run_defenses(config, run_, summary, quiet)
 
 
@@ -205,7 +226,12 @@ def resume(run_dir: str | Path, hooks: Sequence[Hook] = (), quiet: bool = False
     config = from_dict(read_yaml(path / "config.yaml"))
     comps = build(config)
     state = run_.load_state()
-    summary = _execute(config, comps, run_, state, hooks, quiet)
+    if config.federated is not None:
+        from backdoors.federated.simulation import run_federated
+
+        summary = run_federated(config, comps, run_, state, hooks, quiet)
+    else:
+        summary = _execute(config, comps, run_, state, hooks, quiet)
     return _run_defenses(config, run_, summary, quiet)
 
 
@@ -307,6 +333,11 @@ def _execute(
                 metrics = trainer.evaluate()
                 history.append(stats.seconds)
                 last_row = _epoch_row(epoch, lr, stats, metrics)
+                if isinstance(comps.attack, DPSGD):
+                    last_row["dp_epsilon"] = epsilon(
+                        tc.dp_sigma, sample_rate(tc.batch_size, len(train_set)),
+                        comps.attack.steps, tc.dp_delta)
+                    last_row["dp_delta"] = tc.dp_delta
                 best = _checkpoint(run_, model, epoch, last_row, best, tc.save_on_epochs)
                 run_.save_state({
                     "epoch": epoch, "optimizer": optimizer.state_dict(),
@@ -385,7 +416,7 @@ def _checkpoint(run_: Run, model: nn.Module, epoch: int, row: dict[str, Any], be
 def _summary_figures(row: dict[str, Any], epoch: int, history: list[float], best: float
                      ) -> dict[str, Any]:
     keys = ("clean_accuracy", "asr", "backdoor_accuracy", "robust_accuracy", "clean_loss",
-            "backdoor_loss", "variants")
+            "backdoor_loss", "variants", "dp_epsilon", "dp_delta")
     return {**{k: row[k] for k in keys if k in row}, "epochs": epoch,
             "best_clean_accuracy": best if best >= 0 else row.get("clean_accuracy"),
             "seconds_per_epoch": sum(history) / len(history) if history else None}

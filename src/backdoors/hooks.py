@@ -34,7 +34,7 @@ TEST_TAGS = {
 
 class TensorBoardHook(Hook):
     """Scalars under the Backdoors 101 tags Train/Loss_<task> and Train/Scale_<task>, and
-    Test/<metric> per epoch."""
+    Test/<metric> per epoch (Train/DP_epsilon too under DP-SGD)."""
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = Path(log_dir)
@@ -62,6 +62,8 @@ class TensorBoardHook(Hook):
                 if value is not None:
                     self.writer.add_scalar(f"Test/{key}/{name}", value, epoch)
         self.writer.add_scalar("Train/lr", row["lr"], epoch)
+        if row.get("dp_epsilon") is not None:
+            self.writer.add_scalar("Train/DP_epsilon", row["dp_epsilon"], epoch)
         self.writer.flush()
 
     def on_end(self) -> None:
@@ -77,9 +79,12 @@ def epoch_line(epoch: int, last: int, row: dict[str, Any]) -> str:
     """One readable line per epoch."""
     losses = " ".join(f"{k} {v:.3f}" for k, v in row["train_loss"].items())
     per = "".join(f"  ASR[{name}] {pct(v['asr'])}" for name, v in row.get("variants", {}).items())
+    dp = "" if "dp_epsilon" not in row else (
+        "  |  DP eps n/a (no noise)" if row["dp_epsilon"] is None else
+        f"  |  DP eps {row['dp_epsilon']:.2f} (delta {row['dp_delta']:g})")
     return (f"epoch {epoch}/{last}  loss {losses}  |  clean {pct(row['clean_accuracy'])}  "
             f"ASR {pct(row['asr'])}{per}  RA {pct(row['robust_accuracy'])}  "
-            f"backdoor-all {pct(row['backdoor_accuracy'])}  |  {row['train_seconds']:.1f}s")
+            f"backdoor-all {pct(row['backdoor_accuracy'])}{dp}  |  {row['train_seconds']:.1f}s")
 
 
 class ConsoleHook(Hook):

@@ -21,6 +21,11 @@ class Balancer(ABC):
     def backward(self, losses: dict[str, Tensor], params: list[nn.Parameter]) -> dict[str, float]:
         """Accumulate the gradient of the weighted loss into `params` and return the weights."""
 
+    @abstractmethod
+    def weights(self, losses: dict[str, Tensor], params: list[nn.Parameter]) -> dict[str, float]:
+        """The weights `backward` would use, leaving `.grad` alone: DP-SGD decides them once
+        on the batch and holds them fixed while it differentiates each sample."""
+
 
 @BALANCERS.register("fixed")
 class FixedBalancer(Balancer):
@@ -32,8 +37,11 @@ class FixedBalancer(Balancer):
     def __init__(self, scales: dict[str, float] | None = None) -> None:
         self.scales = dict(scales or {})
 
+    def weights(self, losses: dict[str, Tensor], params: list[nn.Parameter]) -> dict[str, float]:
+        return {t: float(self.scales.get(t, 1.0)) for t in losses}
+
     def backward(self, losses: dict[str, Tensor], params: list[nn.Parameter]) -> dict[str, float]:
-        scales = {t: float(self.scales.get(t, 1.0)) for t in losses}
+        scales = self.weights(losses, params)
         total = sum(scales[t] * loss for t, loss in losses.items())
         total.backward()  # type: ignore[union-attr]
         return scales
@@ -53,11 +61,10 @@ class MGDABalancer(Balancer):
     def __init__(self, normalize: Literal["l2", "loss", "loss+", "none", "eq"] = "loss") -> None:
         self.normalize = normalize
 
-    def backward(self, losses: dict[str, Tensor], params: list[nn.Parameter]) -> dict[str, float]:
+    def _solve(self, losses: dict[str, Tensor], params: list[nn.Parameter]
+               ) -> tuple[Tensor, Tensor]:
+        """(weights [T], flat term gradients [T, P]) for two or more terms."""
         names = list(losses)
-        if len(names) == 1:
-            losses[names[0]].backward()
-            return {names[0]: 1.0}
         grads = []
         for i, name in enumerate(names):
             g = torch.autograd.grad(
@@ -74,6 +81,21 @@ class MGDABalancer(Balancer):
             divisors = gradient_normalizers(values, norms, self.normalize).clamp(min=1e-12)
             scaled = flat / divisors[:, None]
             weights = min_norm_weights(scaled @ scaled.T).to(flat.dtype)
+        return weights, flat
+
+    def weights(self, losses: dict[str, Tensor], params: list[nn.Parameter]) -> dict[str, float]:
+        if len(losses) == 1:
+            return {name: 1.0 for name in losses}
+        weights, _ = self._solve(losses, params)
+        return {n: float(w) for n, w in zip(losses, weights, strict=True)}
+
+    def backward(self, losses: dict[str, Tensor], params: list[nn.Parameter]) -> dict[str, float]:
+        names = list(losses)
+        if len(names) == 1:
+            losses[names[0]].backward()
+            return {names[0]: 1.0}
+        weights, flat = self._solve(losses, params)
+        with torch.no_grad():
             combined = weights @ flat
         offset = 0
         for p in params:

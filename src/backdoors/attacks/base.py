@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,3 +70,48 @@ def cross_entropy_step(model: nn.Module, batch: Batch) -> StepReport:
     loss = F.cross_entropy(model(batch.inputs), batch.labels)
     loss.backward()
     return StepReport({"normal": float(loss.detach())}, {"normal": 1.0})
+
+
+# A privacy unit's losses: (forward, *unit rows) -> {term: scalar loss}.
+UnitLosses = Callable[..., dict[str, Tensor]]
+
+
+@dataclass
+class PerSampleStep:
+    """One training step written as a mean over privacy units, for DP-SGD.
+
+    `rows` are tensors with one row per unit (leading dimension N). `losses(forward, *unit)`
+    receives one unit's rows (leading dimension removed) and `forward`, the model as a pure
+    function of its inputs, and returns that unit's loss for each term. `scales` weight the
+    terms; they are decided once per step on the whole batch (e.g. MGDA) and then held
+    fixed. The step's loss is mean_i sum_t scales[t] * losses_i[t], which equals what
+    `Attack.backward` differentiates.
+    """
+
+    rows: tuple[Tensor, ...]
+    losses: UnitLosses
+    scales: dict[str, float]
+
+
+class PerSampleAttack(Attack):
+    """An attack whose step can be written per sample, so DP-SGD (backdoors.training.dp)
+    can clip each sample's gradient. Attacks without this base are refused under DP."""
+
+    def dp_blocker(self) -> str | None:
+        """Why this configuration has no per-sample form (DP-SGD refuses it), or None."""
+        return None
+
+    @abstractmethod
+    def per_sample_step(
+        self, model: nn.Module, batch: Batch, generator: torch.Generator
+    ) -> PerSampleStep:
+        """This step's losses per privacy unit; draws the same randomness as `backward`."""
+
+
+def cross_entropy_rows(batch: Batch) -> PerSampleStep:
+    """`cross_entropy_step` per sample: each row is its own privacy unit."""
+
+    def losses(forward: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        return {"normal": F.cross_entropy(forward(x[None]), y[None])}
+
+    return PerSampleStep((batch.inputs, batch.labels), losses, {"normal": 1.0})

@@ -5,22 +5,34 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from backdoors.attacks.base import ATTACKS, Attack, StepReport, cross_entropy_step
+from backdoors.attacks.base import (
+    ATTACKS,
+    PerSampleAttack,
+    PerSampleStep,
+    StepReport,
+    cross_entropy_rows,
+    cross_entropy_step,
+)
 from backdoors.batch import Batch
 from backdoors.data.dataset import ArrayDataset, Dataset
 from backdoors.data.poisoned import PoisonedStream, poison_array_dataset
 
 
 @ATTACKS.register("none")
-class NoAttack(Attack):
+class NoAttack(PerSampleAttack):
     """Clean training: no backdoor (the baseline every attack is compared with)."""
 
     def backward(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> StepReport:
         return cross_entropy_step(model, batch)
 
+    def per_sample_step(
+        self, model: nn.Module, batch: Batch, generator: torch.Generator
+    ) -> PerSampleStep:
+        return cross_entropy_rows(batch)
+
 
 @ATTACKS.register("data")
-class DataPoisoning(Attack):
+class DataPoisoning(PerSampleAttack):
     """Data poisoning (BadNets, Gu et al., arXiv 1708.06733): a fixed subset of the training
     set gets the trigger and the backdoor label once, before training.
 
@@ -63,9 +75,14 @@ class DataPoisoning(Attack):
     def backward(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> StepReport:
         return cross_entropy_step(model, batch)
 
+    def per_sample_step(
+        self, model: nn.Module, batch: Batch, generator: torch.Generator
+    ) -> PerSampleStep:
+        return cross_entropy_rows(batch)
+
 
 @ATTACKS.register("batch")
-class BatchPoisoning(Attack):
+class BatchPoisoning(PerSampleAttack):
     """Batch poisoning: each training batch gets the trigger on its first round(B * fraction)
     rows (fraction > 1 means all), so the backdoor task shares the batch with the main task.
     Default fraction 0.1."""
@@ -77,3 +94,9 @@ class BatchPoisoning(Attack):
 
     def backward(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> StepReport:
         return cross_entropy_step(model, self.synthesizer.apply(batch, self.fraction, generator))
+
+    def per_sample_step(
+        self, model: nn.Module, batch: Batch, generator: torch.Generator
+    ) -> PerSampleStep:
+        # A poisoned row stays the privacy unit of the training row it was made from.
+        return cross_entropy_rows(self.synthesizer.apply(batch, self.fraction, generator))

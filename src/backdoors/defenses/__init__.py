@@ -1,10 +1,15 @@
 """Defenses; importing this package registers them all in DEFENSES."""
 
 from backdoors.defenses import (  # noqa: F401 - importing a module registers its defense
+    abl,
     activation_clustering,
+    anp,
     fine_pruning,
     fine_tuning,
+    i_bau,
+    nad,
     neural_cleanse,
+    sentinet,
     spectral_signatures,
     strip,
 )
@@ -17,9 +22,12 @@ from backdoors.defenses.base import (
     InputDetector,
     ModelInspector,
     ModelRepair,
+    Trained,
+    TrainingBudget,
+    TrainingDefense,
 )
 
 __all__ = [
     "DEFENSES", "DatasetSanitizer", "Defense", "DefenseData", "DefenseResult", "InputDetector",
-    "ModelInspector", "ModelRepair",
+    "ModelInspector", "ModelRepair", "Trained", "TrainingBudget", "TrainingDefense",
 ]

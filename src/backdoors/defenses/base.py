@@ -1,9 +1,10 @@
 """Defense stages: one small ABC per stage; the runner owns data access and evaluation.
 
 Each defense declares what it may see (`uses_training_set`: the possibly poisoned
-training set, for dataset-level defenses; `clean_fraction`: the size of the clean budget
-as a fraction of the training set, default 5% as in BackdoorBench). The runner hands it a
-DefenseData with exactly that, and never test labels, the trigger or poison indices.
+training set, for dataset-level and training-time defenses; `clean_fraction`: the size of
+the clean budget as a fraction of the training set, default 5% as in BackdoorBench). The
+runner hands it a DefenseData with exactly that, and never test labels, the trigger or
+poison indices.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from backdoors.config import TrainConfig
 from backdoors.data.dataset import ArrayDataset, Dataset
-from backdoors.data.loader import Loader
+from backdoors.data.loader import Augment, Loader
 from backdoors.registry import Registry
 
 DEFENSES: Registry[Defense] = Registry("defense")
@@ -91,6 +93,12 @@ class DatasetSanitizer(Defense):
     def score(self, model: nn.Module, data: DefenseData) -> Tensor:
         """Suspicion per sample of data.train, in dataset order."""
 
+    @abstractmethod
+    def removed(self, scores: Tensor) -> Tensor:
+        """The samples the defense's own rule removes (bool per sample of data.train),
+        given the scores `score` just returned; the runner reports their recall and
+        precision next to the threshold-free AUROC."""
+
 
 class ModelInspector(Defense):
     """Says whether a model is backdoored and which class is the target (Neural Cleanse)."""
@@ -110,3 +118,37 @@ class ModelRepair(Defense):
     @abstractmethod
     def repair(self, model: nn.Module, data: DefenseData) -> tuple[nn.Module, DefenseResult]:
         """A repaired copy of the model (the input model is left as it was)."""
+
+
+@dataclass
+class TrainingBudget:
+    """What the victim's training used, so a training-time defense trains within it: the
+    run's train section (epochs, batch size, optimizer, lr, schedule) and the task's
+    training augmentation (None when the task has none)."""
+
+    train: TrainConfig
+    augment: Augment | None = None
+
+
+@dataclass
+class Trained:
+    """What a training-time defense returns: its model, optionally a suspicion score per
+    training sample (higher = more likely poisoned) and the samples it set apart."""
+
+    model: nn.Module
+    scores: Tensor | None = None
+    flagged: Tensor | None = None
+    result: DefenseResult = field(default_factory=DefenseResult)
+
+
+class TrainingDefense(Defense):
+    """Trains a model itself on the poisoned training set, in place of the victim's
+    training (ABL, ...). Gets a freshly initialised model of the run's architecture, the
+    training set as the victim received it, and the run's training budget."""
+
+    stage = "training"
+    uses_training_set = True
+
+    @abstractmethod
+    def train(self, model: nn.Module, data: DefenseData, budget: TrainingBudget) -> Trained:
+        """Train `model` (fresh weights) on data.train and return the outcome."""

@@ -2,9 +2,10 @@
 
 The runner rebuilds the attack artifact from the run folder (config, weights, the poisoned
 training set re-created from its seeded streams), hands the defense only what it declared,
-and measures detection (AUROC, TPR at 5% FPR), mitigation (clean accuracy, ASR, RA before
-and after, DER) and cost (seconds, peak memory). Results go to the run's summary.json
-under `defenses` and to defenses/<name>/ (result.json and PNG figures).
+and measures detection (AUROC, TPR at 5% FPR; for defenses that remove or isolate
+training samples, how many and their recall and precision), mitigation (clean accuracy,
+ASR, RA before and after, DER) and cost (seconds, peak memory). Results go to the run's
+summary.json under `defenses` and to defenses/<name>/ (result.json and PNG figures).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from backdoors.config import Config, from_dict, read_yaml
+from backdoors.data.augment import random_crop_flip
 from backdoors.data.dataset import ArrayDataset, Dataset
 from backdoors.defenses.base import (
     DEFENSES,
@@ -31,10 +33,13 @@ from backdoors.defenses.base import (
     InputDetector,
     ModelInspector,
     ModelRepair,
+    TrainingBudget,
+    TrainingDefense,
 )
 from backdoors.defenses.scores import auroc, der, tpr_at_fpr
 from backdoors.errors import DataError, RunError
 from backdoors.metrics import evaluate
+from backdoors.models import MODELS
 from backdoors.runs import Run, load_weights
 from backdoors.training.optim import resolve_device
 
@@ -90,6 +95,26 @@ class Artifact:
         return evaluate(model, self.test_loader, self.comps.synthesizer, gen,
                         self.backdoor_loader)
 
+    def fresh_model(self) -> nn.Module:
+        """The run's architecture with the weights its training started from: built under
+        the run's seed exactly as `experiment.build` does (a `pretrained` start is not
+        reloaded), without disturbing the global random state."""
+        cfg, task = self.config, self.comps.task
+        name = cfg.model.name if cfg.model else task.default_model
+        kwargs = cfg.model.kwargs if cfg.model else {}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = MODELS.build(name, kwargs, "model", num_classes=task.num_classes,
+                                 input_shape=task.input_shape, mean=task.mean, std=task.std)
+        return model.to(self.device)
+
+    def budget(self) -> TrainingBudget:
+        """The run's own training budget, augmentation included."""
+        augment = None
+        if self.comps.task.augment:
+            augment = lambda x, g: random_crop_flip(x, generator=g)  # noqa: E731
+        return TrainingBudget(self.config.train, augment)
+
 
 def run_defense(artifact: Artifact, defense: Defense) -> dict[str, Any]:
     """Apply one defense to the artifact's model and measure it."""
@@ -117,9 +142,23 @@ def run_defense(artifact: Artifact, defense: Defense) -> dict[str, Any]:
     elif isinstance(defense, DatasetSanitizer):
         scores = defense.score(model, data).cpu()
         extra.figures.update(defense.last_result.figures)
-        out.update(_detection(scores, _poison_mask(len(artifact.train), artifact.poison_idx)))
+        poisoned = _poison_mask(len(artifact.train), artifact.poison_idx)
+        out.update(_detection(scores, poisoned))
         out["recall_at_1_5x"] = _recall_at(scores, artifact.poison_idx, 1.5)
+        out.update(_removal(defense.removed(scores).cpu(), poisoned, "removed"))
         extra.artifacts["scores"] = scores
+    elif isinstance(defense, TrainingDefense):
+        trained = defense.train(artifact.fresh_model(), data, artifact.budget())
+        model = trained.model.eval()
+        poisoned = _poison_mask(len(artifact.train), artifact.poison_idx)
+        if trained.scores is not None:
+            out.update(_detection(trained.scores.cpu(), poisoned))
+            extra.artifacts["scores"] = trained.scores.cpu()
+        if trained.flagged is not None:
+            out.update(_removal(trained.flagged.cpu(), poisoned, "isolated"))
+        extra.figures.update(trained.result.figures)
+        extra.artifacts.update(trained.result.artifacts)
+        out.update(_mitigation(artifact, before, model))
     if isinstance(defense, ModelInspector):
         index, extra = defense.inspect(model, data)
         target = comps.synthesizer.target
@@ -131,15 +170,21 @@ def run_defense(artifact: Artifact, defense: Defense) -> dict[str, Any]:
         model, repaired = defense.repair(model, data)
         extra.figures.update(repaired.figures)
         extra.artifacts.update(repaired.artifacts)
-        after = artifact.evaluate(model)
-        out["after"] = _figures(after)
-        out["der"] = der(before["clean_accuracy"], after["clean_accuracy"], before["asr"],
-                         after["asr"])
+        out.update(_mitigation(artifact, before, model))
     out["seconds"] = time.perf_counter() - start
     out["peak_memory_mb"] = _peak_memory_mb(artifact.device)
     out.update({k: v for k, v in extra.figures.items()})
     _write(artifact, defense.name, out, extra)
     return out
+
+
+def _mitigation(artifact: Artifact, before: dict[str, Any], model: nn.Module
+                ) -> dict[str, Any]:
+    """Figures of the defended model and the DER against the attacked one."""
+    after = artifact.evaluate(model)
+    return {"after": _figures(after),
+            "der": der(before["clean_accuracy"], after["clean_accuracy"], before["asr"],
+                       after["asr"])}
 
 
 def _figures(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -155,6 +200,15 @@ def _poison_mask(n: int, idx: Tensor) -> Tensor:
 
 def _detection(scores: Tensor, positive: Tensor) -> dict[str, float]:
     return {"auroc": auroc(scores, positive), "tpr_at_5_fpr": tpr_at_fpr(scores, positive, FPR)}
+
+
+def _removal(flagged: Tensor, poisoned: Tensor, key: str) -> dict[str, Any]:
+    """How many samples a defense set apart, the share of the poisoned ones among them
+    (recall: of all poisoned; precision: of those set apart); None where undefined."""
+    hits = int((flagged & poisoned).sum())
+    n, n_poisoned = int(flagged.sum()), int(poisoned.sum())
+    return {key: n, f"{key}_recall": hits / n_poisoned if n_poisoned else None,
+            f"{key}_precision": hits / n if n else None}
 
 
 def _recall_at(scores: Tensor, idx: Tensor, factor: float) -> float | None:

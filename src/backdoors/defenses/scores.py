@@ -75,6 +75,10 @@ def format_result(result: dict[str, Any]) -> str:
     parts = [f"{result['defense']} ({result['stage']})"]
     if "auroc" in result:
         parts.append(f"AUROC {result['auroc']:.3f}, TPR@5%FPR {pct(result['tpr_at_5_fpr'])}")
+    for key in ("removed", "isolated"):
+        if key in result:
+            parts.append(f"{key} {result[key]} (recall {pct(result[f'{key}_recall'])}, "
+                         f"precision {pct(result[f'{key}_precision'])})")
     if "flagged_classes" in result:
         parts.append(f"flagged classes {result['flagged_classes']}")
     if "after" in result:

@@ -20,6 +20,9 @@ from backdoors.defenses.base import DefenseData
 # Rewrites a training batch (inputs, labels) -> (inputs, labels); e.g. Neural Cleanse's
 # unlearning pastes reversed triggers onto some rows but keeps their true labels.
 BatchTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+# A loss term added to the cross-entropy, called with the batch's inputs right after the
+# model's forward pass on them (so forward hooks have fired); e.g. NAD's attention loss.
+ExtraLoss = Callable[[Tensor], Tensor]
 
 
 def finetune(
@@ -32,23 +35,36 @@ def finetune(
     weight_decay: float = 5e-4,
     batch_size: int | None = None,
     transform: BatchTransform | None = None,
+    *,
+    nesterov: bool = False,
+    lr_drop_epoch: int | None = None,
+    extra_loss: ExtraLoss | None = None,
 ) -> nn.Module:
     """Train `model` in place on `dataset` with SGD and cross-entropy; return it in eval mode.
 
-    `batch_size` defaults to `data.batch_size`; `transform` may rewrite each batch.
+    `batch_size` defaults to `data.batch_size`; `transform` may rewrite each batch;
+    from epoch `lr_drop_epoch` on (0-based) the learning rate is `lr / 10`; `extra_loss(x)`
+    is added to the cross-entropy of each batch.
     """
     loader = Loader(dataset, batch_size or data.batch_size, data.device, shuffle=True,
                     generator=data.generator)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                nesterov=nesterov)
     model.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if lr_drop_epoch is not None and epoch == lr_drop_epoch:
+            for group in optimizer.param_groups:
+                group["lr"] = lr / 10
         for batch in loader:
             x, y = batch.inputs, batch.labels
             if transform is not None:
                 x, y = transform(x, y)
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
+            loss = F.cross_entropy(model(x), y)
+            if extra_loss is not None:
+                loss = loss + extra_loss(x)
+            loss.backward()
             optimizer.step()
     return model.eval()
 

@@ -88,19 +88,19 @@ def flame(
     from sklearn.cluster import HDBSCAN
 
     k = updates.shape[0]
-    dist = cosine_distances(updates).numpy()
+    dist = cosine_distances(updates).cpu().numpy()
     labels = HDBSCAN(min_cluster_size=k // 2 + 1, min_samples=1, metric="precomputed", copy=True,
                      allow_single_cluster=True).fit_predict(dist)
-    labels_t = torch.as_tensor(labels)
+    labels_t = torch.as_tensor(labels, device=updates.device)
     if bool((labels_t >= 0).any()):
         majority = labels_t[labels_t >= 0].mode().values
         kept = (labels_t == majority).nonzero().flatten()
     else:  # no cluster found: keep everyone rather than nobody
-        kept = torch.arange(k)
+        kept = torch.arange(k, device=updates.device)
     bound = float(updates.norm(dim=1).median())
     clipped, _ = clip_norms(updates[kept], bound)
     noise = torch.randn(updates.shape[1], generator=generator, dtype=updates.dtype)
-    return clipped.mean(0) + noise_factor * bound * noise, kept
+    return clipped.mean(0) + noise_factor * bound * noise.to(updates.device), kept
 
 
 def foolsgold_weights(history: Tensor, confidence: float = 1.0) -> Tensor:
@@ -130,5 +130,5 @@ def foolsgold_weights(history: Tensor, confidence: float = 1.0) -> Tensor:
 def add_gaussian_noise(aggregate: Tensor, std: float, generator: torch.Generator | None = None
                        ) -> Tensor:
     """Weak differential privacy: Gaussian noise on the aggregate (arXiv 1911.07963)."""
-    return aggregate + std * torch.randn(aggregate.shape, generator=generator,
-                                         dtype=aggregate.dtype)
+    noise = torch.randn(aggregate.shape, generator=generator, dtype=aggregate.dtype)
+    return aggregate + std * noise.to(aggregate.device)
