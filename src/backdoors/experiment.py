@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import random
 import signal
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,26 @@ class _Interrupt:
         raise KeyboardInterrupt
 
 
+@contextmanager
+def recording(run_: Run, summary: dict[str, Any], hooks: Sequence[Hook]) -> Iterator[None]:
+    """Run a training loop with SIGTERM turned into an interrupt: an interrupted or failed
+    loop leaves its status in summary.json, and the hooks are always closed."""
+    try:
+        with _Interrupt():
+            yield
+    except KeyboardInterrupt:
+        summary["status"] = "interrupted"
+        run_.write_summary(summary)
+        raise Interrupted(run_.path) from None
+    except BaseException as exc:
+        summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        run_.write_summary(summary)
+        raise
+    finally:
+        for hook in hooks:
+            hook.on_end()
+
+
 class Interrupted(Exception):  # noqa: N818 - reads as "the run was interrupted"
     """Raised after a run stopped on SIGINT/SIGTERM with a resumable checkpoint."""
 
@@ -325,47 +346,35 @@ def _execute(
     for hook in all_hooks:
         hook.on_start(run_.path, start_epoch, (start_epoch - 1) * steps_per_epoch)
     log = _TrainLog(run_, all_hooks, tc.log_interval, steps_per_epoch)
-    try:
-        with _Interrupt():
-            for epoch in range(start_epoch, tc.epochs + 1):
-                lr = optimizer.param_groups[0]["lr"]
-                stats = trainer.train_epoch(epoch, log.on_step)
-                metrics = trainer.evaluate()
-                history.append(stats.seconds)
-                last_row = _epoch_row(epoch, lr, stats, metrics)
-                if isinstance(comps.attack, DPSGD):
-                    last_row["dp_epsilon"] = epsilon(
-                        tc.dp_sigma, sample_rate(tc.batch_size, len(train_set)),
-                        comps.attack.steps, tc.dp_delta)
-                    last_row["dp_delta"] = tc.dp_delta
-                best = _checkpoint(run_, model, epoch, last_row, best, tc.save_on_epochs)
-                run_.save_state({
-                    "epoch": epoch, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler else None,
-                    "train_generator": train_gen.get_state(), "torch_rng": torch.get_rng_state(),
-                    "python_rng": random.getstate(), "attack": comps.attack.state_dict(),
-                    "best_clean_accuracy": best, "epoch_seconds": history,
-                })
-                run_.log(last_row)
-                summary.update(_summary_figures(last_row, epoch, history, best))
-                run_.write_summary(summary)
-                for hook in all_hooks:
-                    hook.on_epoch_end(epoch, last_row, model)
+    with recording(run_, summary, all_hooks):
+        for epoch in range(start_epoch, tc.epochs + 1):
+            lr = optimizer.param_groups[0]["lr"]
+            stats = trainer.train_epoch(epoch, log.on_step)
+            metrics = trainer.evaluate()
+            history.append(stats.seconds)
+            last_row = _epoch_row(epoch, lr, stats, metrics)
+            if isinstance(comps.attack, DPSGD):
+                last_row["dp_epsilon"] = epsilon(
+                    tc.dp_sigma, sample_rate(tc.batch_size, len(train_set)),
+                    comps.attack.steps, tc.dp_delta)
+                last_row["dp_delta"] = tc.dp_delta
+            best = _checkpoint(run_, model, epoch, last_row, best, tc.save_on_epochs)
+            run_.save_state({
+                "epoch": epoch, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler else None,
+                "train_generator": train_gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(), "attack": comps.attack.state_dict(),
+                "best_clean_accuracy": best, "epoch_seconds": history,
+            })
+            run_.log(last_row)
+            summary.update(_summary_figures(last_row, epoch, history, best))
+            run_.write_summary(summary)
+            for hook in all_hooks:
+                hook.on_epoch_end(epoch, last_row, model)
         summary["status"] = "completed"
         if not last_row and state is None:
             summary.update(_summary_figures(
                 {**trainer.evaluate(), "epoch": start_epoch - 1}, start_epoch - 1, history, best))
-    except KeyboardInterrupt:
-        summary["status"] = "interrupted"
-        run_.write_summary(summary)
-        raise Interrupted(run_.path) from None
-    except BaseException as exc:
-        summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        run_.write_summary(summary)
-        raise
-    finally:
-        for hook in all_hooks:
-            hook.on_end()
     run_.write_summary(summary)
     return summary
 

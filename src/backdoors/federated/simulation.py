@@ -32,13 +32,12 @@ from backdoors.experiment import (
     EVAL_STREAM,
     POISON_STREAM,
     Components,
-    Interrupted,
-    _Interrupt,
     _load_into,
     _pretrained_path,
     _resume_model,
     clean_training_set,
     evaluation_loaders,
+    recording,
 )
 from backdoors.federated.aggregators import Aggregator, RoundContext
 from backdoors.federated.clients import LocalPlan, LocalTraining
@@ -181,39 +180,27 @@ def run_federated(
                      backdoor_loader)
     for hook in all_hooks:  # a resumed run's TensorBoard drops events of unfinished rounds
         hook.on_start(run_.path, start_round, start_round if state is not None else 0)
-    try:
-        with _Interrupt():
-            for round_ in range(start_round, fc.rounds + 1):
-                row = server.play(round_)
-                rows.append(row)
-                run_.log(row)  # before the state: a resume truncates rows past the state
-                best = _checkpoint(run_, model, row, best, tc.save_on_epochs)
-                # The state carries its own copy of the global model, so a kill between
-                # two writes never pairs one round's weights with another's state.
-                run_.save_state({"round": round_, "best_clean_accuracy": best,
-                                 "model": {k: v.detach().cpu()
-                                           for k, v in model.state_dict().items()},
-                                 "aggregator": aggregator.state_dict(),
-                                 "attack": comps.attack.state_dict()})
-                if row["attackers"]:
-                    _write_trigger(run_, comps, config, population)
-                summary.update(_figures(rows))
-                run_.write_summary(summary)
-                for hook in all_hooks:
-                    hook.on_epoch_end(round_, row, model)
-                add_federated_scalars(all_hooks, row)
+    with recording(run_, summary, all_hooks):
+        for round_ in range(start_round, fc.rounds + 1):
+            row = server.play(round_)
+            rows.append(row)
+            run_.log(row)  # before the state: a resume truncates rows past the state
+            best = _checkpoint(run_, model, row, best, tc.save_on_epochs)
+            # The state carries its own copy of the global model, so a kill between
+            # two writes never pairs one round's weights with another's state.
+            run_.save_state({"round": round_, "best_clean_accuracy": best,
+                             "model": {k: v.detach().cpu()
+                                       for k, v in model.state_dict().items()},
+                             "aggregator": aggregator.state_dict(),
+                             "attack": comps.attack.state_dict()})
+            if row["attackers"]:
+                _write_trigger(run_, comps, config, population)
+            summary.update(_figures(rows))
+            run_.write_summary(summary)
+            for hook in all_hooks:
+                hook.on_epoch_end(round_, row, model)
+            add_federated_scalars(all_hooks, row)
         summary["status"] = "completed"
-    except KeyboardInterrupt:
-        summary["status"] = "interrupted"
-        run_.write_summary(summary)
-        raise Interrupted(run_.path) from None
-    except BaseException as exc:
-        summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        run_.write_summary(summary)
-        raise
-    finally:
-        for hook in all_hooks:
-            hook.on_end()
     run_.write_summary(summary)
     return summary
 
