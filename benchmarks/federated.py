@@ -14,7 +14,7 @@ and FLAME keep ASR <= 20% in every round from the attack on, with clean accuracy
 3 points of FedAvg without an attack in each of those rounds. Also measured: the cost of
 a round, and of 100 clients per round against 10 clients with the same data.
 
-    python benchmarks/federated.py [--warmup 8] [--after 3] [--out FILE.md]
+    python benchmarks/federated.py [--warmup 20] [--after 3] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def pct(v: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--warmup", type=int, default=8, help="clean FedAvg rounds first")
+    parser.add_argument("--warmup", type=int, default=20, help="clean FedAvg rounds first")
     parser.add_argument("--after", type=int, default=3, help="clean rounds after the attack")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--only", default=None, help="comma-separated aggregator names")

@@ -41,6 +41,7 @@ EFFECTIVE: dict[str, dict[str, Any]] = {
     "input_aware": {**CPU, "surrogate_epochs": 8, "mask_epochs": 3, "width": 8,
                     "backdoor_ratio": 0.3, "cross_ratio": 0.4, "generator_lr": 0.02},
     "adaptive_blend": {},
+    "low_frequency": {**CPU, "surrogate_epochs": 2, "trigger_steps": 60, "epsilon": 0.1},
 }
 # The cheapest settings that still run every stage (for determinism checks).
 CHEAP: dict[str, dict[str, Any]] = {
@@ -49,6 +50,7 @@ CHEAP: dict[str, dict[str, Any]] = {
     "trojan_nn": {**CPU, "surrogate_epochs": 1, "trigger_steps": 5},
     "input_aware": {**CPU, "surrogate_epochs": 1, "mask_epochs": 1, "width": 4},
     "adaptive_blend": {},
+    "low_frequency": {**CPU, "surrogate_epochs": 1, "trigger_steps": 5},
 }
 
 
@@ -215,6 +217,37 @@ def test_narcissus_trigger_pulls_the_surrogate_toward_the_target_more_than_noise
             return float(logp((x + 3 * delta).clamp(0, 1)) - logp(x))
 
     optimised, random = gain(synth.delta), gain(noise)
+    assert optimised > 1.0 and optimised > 3 * max(random, 0.1), (optimised, random)
+
+
+# --- low_frequency -----------------------------------------------------------------------
+
+
+def test_low_frequency_optimised_trigger_stays_smooth_and_in_the_ball():
+    dctn = pytest.importorskip("scipy.fft").dctn
+    synth = prepared("low_frequency")
+    p = synth.perturbation
+    assert float(p.abs().max()) <= synth.epsilon + 1e-6
+    coefficients = torch.from_numpy(dctn(p.double().numpy(), axes=(1, 2), norm="ortho"))
+    kept = round(synth.cutoff * SHAPE[1])
+    high = coefficients.clone()
+    high[:, :kept, :kept] = 0
+    assert float(high.square().sum()) < 1e-9 * float(coefficients.square().sum())
+
+
+def test_low_frequency_optimisation_pulls_the_surrogate_toward_the_target():
+    synth = prepared("low_frequency")
+    start = SYNTHESIZERS.build("low_frequency", {"target": TARGET, **EFFECTIVE["low_frequency"],
+                                                 "trigger_steps": 0}, "synthesizer")
+    start.bind(SHAPE, CLASSES)
+    x = non_target_test()
+
+    def gain(p: Tensor) -> float:
+        with torch.no_grad():
+            logp = lambda z: F.log_softmax(synth.surrogate(z), 1)[:, TARGET].mean()  # noqa: E731
+            return float(logp((x + p).clamp(0, 1)) - logp(x))
+
+    optimised, random = gain(synth.perturbation), gain(start.perturbation)
     assert optimised > 1.0 and optimised > 3 * max(random, 0.1), (optimised, random)
 
 

@@ -381,6 +381,8 @@ def test_shipped_configs_validate(capsys) -> None:
 # at 5 bits changes pixels by under 1/62, below that noise too. SIG is clean-label: on 4
 # well separated blobs the model never needs the sinusoid, so it runs on 8 overlapping
 # classes, where target-class images are hard enough for the trigger to be a shortcut.
+# low_frequency runs its un-optimised start here (trigger_steps 0); the optimisation has
+# its own tests in test_triggers_optimized.py.
 BEHAVIOUR: dict[str, tuple[dict, dict, dict, int]] = {
     "blend": ({}, {"name": "blend"}, {"name": "data", "ratio": 0.1}, 3),
     "sig": ({"num_classes": 8}, {"name": "sig", "delta": 0.2},
@@ -388,7 +390,7 @@ BEHAVIOUR: dict[str, tuple[dict, dict, dict, int]] = {
     "wanet": ({}, {"name": "wanet", "s": 2.0}, {"name": "data", "ratio": 0.1}, 3),
     "wanet_noise": ({}, {"name": "wanet", "s": 2.0, "noise": True},
                     {"name": "batch", "fraction": 0.2}, 5),
-    "low_frequency": ({}, {"name": "low_frequency", "epsilon": 0.25},
+    "low_frequency": ({}, {"name": "low_frequency", "epsilon": 0.25, "trigger_steps": 0},
                       {"name": "data", "ratio": 0.1}, 3),
     "bpp": ({}, {"name": "bpp", "bits": 2}, {"name": "data", "ratio": 0.1}, 3),
     "physical": ({}, {"name": "physical", "scale": [0.25, 0.4]},
