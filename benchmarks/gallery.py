@@ -18,7 +18,7 @@ from backdoors.config import load_config  # noqa: E402
 from backdoors.gallery import draw_gallery  # noqa: E402
 
 # Every attack config drawn in the README (badnets stands for the pattern trigger).
-CONFIGS = ("badnets", "blend", "sig", "wanet", "low_frequency", "bpp", "physical",
+CONFIGS = ("badnets", "blend", "sig", "sig_cifar", "wanet", "low_frequency", "bpp", "physical",
            "multimnist_calculator", "counting_complex", "semantic", "edge_case", "trojan_nn",
            "adaptive_blend", "input_aware", "label_consistent", "narcissus")
 
