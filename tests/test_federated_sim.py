@@ -50,6 +50,21 @@ def test_replacement_backdoors_fedavg_and_krum_stops_it(tiny, tmp_path):
     assert rows(plain)[-1]["detection"] is None  # the plain mean judges nobody
 
 
+def test_defenses_run_on_the_final_global_model(tiny, tmp_path):
+    """A federated run is a finished attack like any other: its `defenses:` section runs
+    after the last round, and `backdoors defend` reopens the run folder later."""
+    cfg = fl(tiny)
+    cfg["defenses"] = ["strip"]
+    summary = run(from_dict(cfg), out=tmp_path, quiet=True)
+    assert summary["asr"] >= 0.9
+    assert summary["defenses"]["strip"]["auroc"] > 0.55  # 0.70 when written
+    code = cli_main(["defend", summary["run_dir"], "--defense", "fine_pruning"])
+    repaired = Run(Path(summary["run_dir"])).read_summary()["defenses"]["fine_pruning"]
+    assert code == 0 and repaired["before"]["asr"] == pytest.approx(summary["asr"])
+    assert repaired["after"]["asr"] < 0.2
+    assert repaired["after"]["clean_accuracy"] > repaired["before"]["clean_accuracy"]
+
+
 def test_weight_scale_multiplies_only_the_attackers_update(tiny, tmp_path):
     def first_round(scale: float) -> dict[str, Any]:
         cfg = fl(tiny, rounds=1, attack_round=1, weight_scale=scale)
