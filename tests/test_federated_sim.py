@@ -12,6 +12,7 @@ import torch
 
 from backdoors.cli import main as cli_main
 from backdoors.config import from_dict
+from backdoors.errors import ConfigError
 from backdoors.experiment import Interrupted, resume, run
 from backdoors.hooks import Hook
 from backdoors.runs import Run
@@ -50,7 +51,7 @@ def test_replacement_backdoors_fedavg_and_krum_stops_it(tiny, tmp_path):
     assert rows(plain)[-1]["detection"] is None  # the plain mean judges nobody
 
 
-def test_defenses_run_on_the_final_global_model(tiny, tmp_path):
+def test_defenses_run_on_the_final_global_model(tiny, tmp_path, capsys):
     """A federated run is a finished attack like any other: its `defenses:` section runs
     after the last round, and `backdoors defend` reopens the run folder later."""
     cfg = fl(tiny)
@@ -63,6 +64,10 @@ def test_defenses_run_on_the_final_global_model(tiny, tmp_path):
     assert code == 0 and repaired["before"]["asr"] == pytest.approx(summary["asr"])
     assert repaired["after"]["asr"] < 0.2
     assert repaired["after"]["clean_accuracy"] > repaired["before"]["clean_accuracy"]
+    capsys.readouterr()
+    assert cli_main(["defend", summary["run_dir"], "--defense", "activation_clustering"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "federated" in err and "Traceback" not in err
 
 
 def test_weight_scale_multiplies_only_the_attackers_update(tiny, tmp_path):
@@ -152,3 +157,13 @@ def test_list_aggregators(capsys):
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert {"original", "fedavg", "norm_clipping", "weak_dp", "median", "trimmed_mean", "krum",
             "multi_krum", "flame", "foolsgold"} <= set(names)
+
+
+@pytest.mark.parametrize("defense", ["spectral_signatures", "abl"])
+def test_defenses_that_need_the_central_training_set_are_refused(tiny, tmp_path, capsys,
+                                                                  defense):
+    cfg = fl(tiny)
+    cfg["defenses"] = [defense]
+    with pytest.raises(ConfigError, match=f"defenses\\[0\\]: {defense} .*federated"):
+        run(from_dict(cfg), out=tmp_path, quiet=True)
+    assert not any(tmp_path.iterdir())  # refused before any run folder was made

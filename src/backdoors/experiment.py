@@ -21,6 +21,7 @@ from backdoors.data import TASKS, Loader, Task
 from backdoors.data.augment import random_crop_flip
 from backdoors.data.dataset import ArrayDataset, Dataset
 from backdoors.defenses import DEFENSES
+from backdoors.defenses.runner import check_fits
 from backdoors.errors import ConfigError, RunError
 from backdoors.hooks import ConsoleHook, Hook, TensorBoardHook
 from backdoors.models import MODELS
@@ -69,7 +70,7 @@ def build(config: Config) -> Components:
         attack = DPSGD(attack, model, config.train.dp_clip, config.train.dp_sigma,
                        seed=config.seed * 1000 + DP_NOISE_STREAM)
     for i, d in enumerate(config.defenses):
-        DEFENSES.build(d.name, d.kwargs, f"defenses[{i}]")
+        check_fits(DEFENSES.build(d.name, d.kwargs, f"defenses[{i}]"), config, f"defenses[{i}]")
     return Components(task, model, synthesizer, attack)
 
 

@@ -37,7 +37,7 @@ from backdoors.defenses.base import (
     TrainingDefense,
 )
 from backdoors.defenses.scores import auroc, der, tpr_at_fpr
-from backdoors.errors import DataError, RunError
+from backdoors.errors import ConfigError, DataError, RunError
 from backdoors.metrics import evaluate
 from backdoors.models import MODELS
 from backdoors.runs import Run, load_weights
@@ -116,9 +116,21 @@ class Artifact:
         return TrainingBudget(self.config.train, augment)
 
 
+def check_fits(defense: Defense, config: Config, where: str) -> None:
+    """Refuse a defense that needs the central training set on a federated run: no server
+    holds the participants' (partly poisoned) data, and the poison indices a dataset-level
+    score would be judged against are the attackers' own shares, not a central draw."""
+    if config.federated is not None and defense.uses_training_set:
+        raise ConfigError(f"{where}: {defense.name} ({defense.stage} stage) needs the central "
+                          "training set, which a federated run does not have; use an input, "
+                          "inspection or repair defense (e.g. strip, neural_cleanse, "
+                          "fine_pruning)")
+
+
 def run_defense(artifact: Artifact, defense: Defense) -> dict[str, Any]:
     """Apply one defense to the artifact's model and measure it."""
     cfg, comps = artifact.config, artifact.comps
+    check_fits(defense, cfg, f"defense '{defense.name}'")
     data = DefenseData(
         clean=clean_budget(comps.task.train, artifact.poison_idx, defense.clean_fraction,
                            cfg.seed),
