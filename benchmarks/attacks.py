@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO, data_overrides, machine  # noqa: E402
 
-from backdoors.config import load_config  # noqa: E402
-from backdoors.experiment import run  # noqa: E402
+from backdoors.config import Config, load_config  # noqa: E402
+from backdoors.experiment import build, clean_training_set, run  # noqa: E402
+from backdoors.synthesizers import Synthesizer  # noqa: E402
 
 # Config files whose attack is benchmarked; legacy and demo files are not.
 SKIP = {"quickstart.yaml", "mnist_params.yaml", "cifar10_params.yaml", "imagenet_params.yaml",
@@ -37,6 +38,17 @@ def attack_configs(only: set[str] | None) -> list[Path]:
     paths = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.name not in SKIP
                    and not p.name.startswith(("fl_", "dp_")))
     return [p for p in paths if only is None or p.stem in only]
+
+
+def held_out(config: Config) -> tuple:
+    """The clean rows a synthesizer takes out of the main task (semantic: the matching
+    cars of both splits). A baseline only compares with runs that removed the same rows."""
+    comps = build(config)
+    if type(comps.synthesizer).excluded is Synthesizer.excluded:
+        return ()  # keeps every row; skip prepare(), which trains surrogates for some
+    train_rows = len(clean_training_set(config, comps))  # prepare() picks the rows
+    test = comps.synthesizer.excluded(comps.task.test, "test")
+    return (train_rows, () if test is None else tuple(sorted(test.tolist())))
 
 
 def main() -> None:
@@ -57,7 +69,7 @@ def main() -> None:
                 sets.append(f"train.epochs={args.epochs}")
             config = load_config(path, sets)
             key = (config.task.name, repr(config.task.kwargs), repr(config.model),
-                   config.train.epochs)
+                   config.train.epochs, held_out(config))
             if key not in baselines:
                 clean = run(load_config(path, sets + ["attack={name: none}"]), out=tmp,
                             quiet=True)
