@@ -35,6 +35,8 @@ from backdoors.defenses.strip import Strip
 from backdoors.errors import ConfigError
 from backdoors.experiment import run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # The attack every defense meets: the synthetic task, 10% data poisoning with the pattern
 # trigger (target 1).
 SYNTHETIC: dict[str, Any] = {
@@ -67,17 +69,6 @@ CASES: dict[str, dict[str, Any]] = {
 NEURAL_CLEANSE = {"steps": 100}
 
 Defended = Callable[[str], dict[str, Any]]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models and batches run faster on one thread (no intra-op sync, no
-    oversubscription on a busy machine), and the figures no longer depend on the core
-    count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _sha(path: Path) -> str:

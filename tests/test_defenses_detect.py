@@ -22,6 +22,8 @@ from backdoors.defenses.spectral_signatures import spectral_scores
 from backdoors.errors import ConfigError
 from backdoors.experiment import build, run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ATTACK: dict[str, Any] = {
     "name": "detect", "seed": 0, "task": {"name": "synthetic"},
     "train": {"epochs": 4, "lr": 0.05, "tensorboard": False, "progress": False},
@@ -32,14 +34,6 @@ ATTACK: dict[str, Any] = {
 # under the paper's gamma 0.5 before the poison is learned, so gamma is lowered; the few
 # isolated samples get more, larger ascent steps than the paper's 5e-4 (docs/defenses.md).
 ABL = {"gamma": 0.1, "unlearning_lr": 0.01, "unlearning_epochs": 20}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,8 @@ from backdoors.errors import ConfigError
 from backdoors.experiment import run
 from backdoors.models import MODELS
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # The synthetic task (4 blob classes, 16x16, tiny_cnn) with 10% data poisoning and the
 # pattern trigger, target 1: the attack tests/test_defenses.py uses.
 ATTACK: dict[str, Any] = {
@@ -44,14 +46,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "i_bau": {"perturbation": "pgd", "perturbation_steps": 10, "norm_bound": 3.0,
               "rounds": 10, "lr": 0.01},
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

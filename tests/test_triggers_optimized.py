@@ -27,6 +27,8 @@ from backdoors.synthesizers import SYNTHESIZERS, Synthesizer
 from backdoors.synthesizers.surrogate import TrainingRows, pgd
 from backdoors.synthesizers.trojan_nn import most_connected
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TARGET = 1
 SHAPE = (1, 16, 16)
 CLASSES = 4
@@ -52,16 +54,6 @@ CHEAP: dict[str, dict[str, Any]] = {
     "adaptive_blend": {},
     "low_frequency": {**CPU, "surrogate_epochs": 1, "trigger_steps": 5},
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    """The models here are tiny: one intra-op thread is as fast, and on a shared machine
-    two threads per process fight over the cores and run several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @functools.cache

@@ -395,15 +395,6 @@ def test_sums_loss_task_converts_to_the_calculator():
 # --- behaviour ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train faster on one thread, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def blob_digits(path: Path) -> Path:
     """MNIST-layout files whose "digits" 0..3 are the synthetic task's blobs at 28x28."""
     task = TASKS.build("synthetic", {"train_size": 512, "test_size": 256}, "task")
