@@ -76,12 +76,12 @@ def test_sentinet_evasion_gradient_reaches_the_model(comps):
 def test_spectral_evasion_is_zero_for_the_frozen_model_and_grows_after_change(similarity, comps):
     term = _term("spectral_evasion", comps, similarity=similarity)
     comps.model.eval()  # batch-norm in eval mode: same features as the frozen copy
-    assert float(term(_context(comps))) == pytest.approx(0.0, abs=1e-5)
+    assert float(term(_context(comps)).detach()) == pytest.approx(0.0, abs=1e-5)
     with torch.no_grad():
         for p in comps.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     loss = term(_context(comps))
-    assert float(loss) > 0
+    assert float(loss.detach()) > 0
     comps.model.zero_grad()
     loss.backward()
     assert _model_grad_norm(comps.model) > 0
