@@ -47,9 +47,10 @@ class LowFrequencySynthesizer(OptimisedSynthesizer):
     `prepare()` trains a surrogate on the training set (the shared `surrogate_*` options),
     then runs `trigger_steps` (200) Adam steps (`trigger_lr` 0.05, relative to the largest
     starting coefficient) on the kept DCT coefficients, lowering the surrogate's
-    cross-entropy toward the target on random batches of non-target training images. After every step p is scaled back onto
-    the epsilon ball, which keeps it low-frequency (scaling does not add frequencies). The
-    paper instead low-pass filters an unconstrained perturbation once at the end.
+    cross-entropy toward the target on random batches of non-target training images.
+    After every step p is scaled back onto the epsilon ball, which keeps it low-frequency
+    (scaling does not add frequencies). The paper instead low-pass filters an
+    unconstrained perturbation once at the end.
     """
 
     def __init__(
