@@ -22,7 +22,7 @@ from common import REPO, data_overrides, machine  # noqa: E402
 
 from backdoors.config import Config, load_config  # noqa: E402
 from backdoors.experiment import build, clean_training_set, run  # noqa: E402
-from backdoors.synthesizers import Synthesizer  # noqa: E402
+from backdoors.synthesizers import SYNTHESIZERS, Synthesizer  # noqa: E402
 
 # Config files whose attack is benchmarked; legacy and demo files are not.
 SKIP = {"quickstart.yaml", "mnist_params.yaml", "cifar10_params.yaml", "imagenet_params.yaml",
@@ -43,9 +43,9 @@ def attack_configs(only: set[str] | None) -> list[Path]:
 def held_out(config: Config) -> tuple:
     """The clean rows a synthesizer takes out of the main task (semantic: the matching
     cars of both splits). A baseline only compares with runs that removed the same rows."""
+    if SYNTHESIZERS.get(config.synthesizer.name).excluded is Synthesizer.excluded:
+        return ()  # keeps every row: no need to load data or run prepare()
     comps = build(config)
-    if type(comps.synthesizer).excluded is Synthesizer.excluded:
-        return ()  # keeps every row; skip prepare(), which trains surrogates for some
     train_rows = len(clean_training_set(config, comps))  # prepare() picks the rows
     test = comps.synthesizer.excluded(comps.task.test, "test")
     return (train_rows, () if test is None else tuple(sorted(test.tolist())))

@@ -67,16 +67,15 @@ class LowFrequencySynthesizer(OptimisedSynthesizer):
         self.epsilon, self.cutoff, self.seed = epsilon, cutoff, seed
         self.trigger_steps, self.trigger_lr = trigger_steps, trigger_lr
         self.perturbation = torch.empty(0)
-
-    def _bases(self) -> tuple[Tensor, Tensor]:
-        """The kept DCT rows per axis (float64 [k_h, h] and [k_w, w]): p = Bh.T @ C @ Bw."""
-        _, h, w = self.input_shape
-        return (dct_matrix(h)[: kept_frequencies(h, self.cutoff)],
-                dct_matrix(w)[: kept_frequencies(w, self.cutoff)])
+        # The kept DCT rows per axis (float64 [k_h, h] and [k_w, w]), set by bind():
+        # p = bh.T @ C @ bw for coefficients C [c, k_h, k_w].
+        self.bh, self.bw = torch.empty(0), torch.empty(0)
 
     def _to_pixels(self, coefficients: Tensor) -> Tensor:
-        bh, bw = (b.to(coefficients) for b in self._bases())
-        return bh.T @ coefficients @ bw
+        return self.bh.to(coefficients).T @ coefficients @ self.bw.to(coefficients)
+
+    def _to_coefficients(self, pixels: Tensor) -> Tensor:
+        return self.bh.to(pixels) @ pixels @ self.bw.to(pixels).T
 
     def _onto_ball(self, coefficients: Tensor) -> Tensor:
         peak = self._to_pixels(coefficients).abs().max()
@@ -84,10 +83,12 @@ class LowFrequencySynthesizer(OptimisedSynthesizer):
 
     def bind(self, input_shape: Sequence[int], num_classes: int) -> None:
         super().bind(input_shape, num_classes)
+        _, h, w = self.input_shape
+        self.bh = dct_matrix(h)[: kept_frequencies(h, self.cutoff)]
+        self.bw = dct_matrix(w)[: kept_frequencies(w, self.cutoff)]
         noise = torch.randn(tuple(self.input_shape),
                             generator=torch.Generator().manual_seed(self.seed)).double()
-        bh, bw = self._bases()
-        smooth = self._to_pixels(bh @ noise @ bw.T)
+        smooth = self._to_pixels(self._to_coefficients(noise))
         self.perturbation = (smooth * (self.epsilon / smooth.abs().max())).float()
 
     def prepare(self, train: Dataset, generator: torch.Generator) -> None:
@@ -97,8 +98,8 @@ class LowFrequencySynthesizer(OptimisedSynthesizer):
         model = self.fit_surrogate(data, generator)
         device = resolve(self.device)
         pool = (data.labels != self.target).nonzero().flatten()
-        bh, bw = (b.float().to(device) for b in self._bases())
-        coefficients = (bh @ self.perturbation.to(device) @ bw.T).requires_grad_(True)
+        self.bh, self.bw = self.bh.float().to(device), self.bw.float().to(device)
+        coefficients = self._to_coefficients(self.perturbation.to(device)).requires_grad_(True)
         # Adam's steps are about lr in coefficient units; tie them to the trigger's size.
         scale = float(coefficients.detach().abs().max())
         opt = torch.optim.Adam([coefficients], lr=self.trigger_lr * scale)
