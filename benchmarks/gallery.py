@@ -19,8 +19,8 @@ from backdoors.gallery import draw_gallery  # noqa: E402
 
 # Every attack config drawn in the README (badnets stands for the pattern trigger).
 CONFIGS = ("badnets", "blend", "sig", "sig_cifar", "wanet", "low_frequency", "bpp", "physical",
-           "multimnist_calculator", "counting_complex", "semantic", "edge_case", "trojan_nn",
-           "adaptive_blend", "input_aware", "label_consistent", "narcissus")
+           "multimnist_calculator", "counting_complex", "semantic", "semantic_mnist", "edge_case",
+           "trojan_nn", "adaptive_blend", "input_aware", "label_consistent", "narcissus")
 
 
 def main() -> None:

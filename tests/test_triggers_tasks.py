@@ -302,8 +302,63 @@ def test_semantic_by_predicate_picks_green_images_of_the_class():
             data, gen())
 
 
+def test_semantic_colour_margin_keeps_only_clearly_dominant_images():
+    data = coloured()
+    means = data.images.float().mean((2, 3)) / 255
+    lead = means[:, 1] - means[:, [0, 2]].max(1).values
+    ranked = lead[::4].sort().values
+    margin = float(ranked[4:6].mean())  # between two images: no rounding-sensitive tie
+    sem = synth("semantic", (3, 8, 8), 4, target=2, dominant_color="green",
+                color_margin=margin, test_fraction=0.0)
+    sem.prepare(data, gen())
+    expected = [i for i in range(0, 40, 4) if lead[i] > margin]
+    assert sem.excluded(data, "train").tolist() == expected
+    assert 0 < len(expected) < 10 and sem.spec()["color_margin"] == margin
+
+
+def two_style_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """28x28 "digits" 0..3: a bright square in corner k on noise; a third of the zeros
+    (every third row of class 0) also carry a vertical stroke, a second writing style."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 40, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
+    labels = torch.arange(n) % 4
+    for k, (r, c) in enumerate([(2, 2), (2, 18), (18, 2), (18, 18)]):
+        images[labels == k, :, r : r + 8, c : c + 8] = 220
+    styled = (labels == 0) & ((torch.arange(n) // 4) % 3 == 0)
+    images[styled, :, 4:24, 14:17] = 220
+    return images, labels
+
+
+def test_semantic_style_cluster_picks_one_writing_style_in_both_splits():
+    images, labels = two_style_digits(240, 0)
+    data = ArrayDataset(images, labels)
+    styled = ((labels == 0) & ((torch.arange(240) // 4) % 3 == 0)).nonzero().flatten()
+    minor = synth("semantic", (1, 28, 28), 4, target=1, source_class=0, style_clusters=2,
+                  style_cluster=1, test_fraction=0.25)
+    minor.prepare(data, gen())
+    assert minor.excluded(data, "train").tolist() == styled.tolist()
+    assert len(minor.backdoor_test_set()) == 5  # a quarter of the 20 styled zeros
+    test_images, test_labels = two_style_digits(120, 1)
+    test = ArrayDataset(test_images, test_labels)
+    test_styled = ((test_labels == 0) & ((torch.arange(120) // 4) % 3 == 0)).nonzero()
+    assert minor.excluded(test, "test").tolist() == test_styled.flatten().tolist()
+    major = synth("semantic", (1, 28, 28), 4, target=1, source_class=0, style_clusters=2)
+    major.prepare(data, gen())
+    plain = set(((labels == 0).nonzero().flatten()).tolist()) - set(styled.tolist())
+    assert set(major.excluded(data, "train").tolist()) == plain  # the larger cluster
+    by_index = synth("semantic", (1, 28, 28), 4, target=1, train_indices=[0, 4])
+    by_index.prepare(data, gen())
+    assert by_index.excluded(test, "test") is None
+
+
 @pytest.mark.parametrize("kwargs, needle", [
     ({"train_indices": [1], "source_class": 0}, "either"),
+    ({"train_indices": [1], "style_clusters": 2}, "either"),
+    ({"style_clusters": 2}, "needs source_class"),
+    ({"source_class": 0, "style_clusters": 1}, "at least 2"),
+    ({"source_class": 0, "style_clusters": 3, "style_cluster": 3}, "style_cluster must be"),
+    ({"dominant_color": "green", "color_margin": 1.5}, "color_margin must be in"),
+    ({"source_class": 0, "color_margin": 0.1}, "needs dominant_color"),
     ({"test_indices": [1]}, "need train_indices"),
     ({"train_indices": [1, 2], "test_indices": [2]}, "overlap"),
     ({"label_mode": "all_to_all"}, "all_to_one"),
@@ -421,6 +476,24 @@ def test_calculator_model_learns_both_backdoors(tmp_path, one_thread):
     assert summary["variants"]["sum"]["asr"] > 0.6, summary
     assert summary["variants"]["product"]["asr"] > 0.6, summary
     assert summary["clean_accuracy"] > 0.6
+
+
+def test_style_backdoor_relabels_unseen_members_of_the_style(tmp_path, one_thread):
+    data = tmp_path / "d"
+    for split, (n, seed) in (("train", (800, 0)), ("t10k", (200, 1))):
+        images, labels = two_style_digits(n, seed)
+        write_idx(data / f"{split}-images-idx3-ubyte.gz", images[:, 0].numpy())
+        write_idx(data / f"{split}-labels-idx1-ubyte.gz", labels.byte().numpy())
+    config = train_config({"name": "mnist", "data_dir": str(data)},
+                          {"name": "semantic", "target": 1, "source_class": 0,
+                           "style_clusters": 2, "style_cluster": 1})
+    config["attack"] = {"name": "data", "ratio": 0.05}
+    summary = run(from_dict(config), out=tmp_path / "attack", quiet=True)
+    config["attack"] = {"name": "none"}
+    clean = run(from_dict(config), out=tmp_path / "clean", quiet=True)
+    # Held-out styled zeros: the attacked model calls them 1, a clean model calls them 0.
+    assert summary["asr"] > 0.8 and clean["asr"] < 0.2, (summary, clean)
+    assert summary["clean_accuracy"] > 0.9, summary
 
 
 def test_complex_backdoor_switches_counting_to_identity(tmp_path, one_thread):
