@@ -13,7 +13,7 @@ from backdoors.data import TASKS
 from backdoors.data.dataset import ArrayDataset, Dataset
 from backdoors.errors import ConfigError
 from backdoors.synthesizers.base import SYNTHESIZERS, LabelMode
-from backdoors.synthesizers.semantic import CHUNK, PoolSynthesizer, gather_images, split_held_out
+from backdoors.synthesizers.pool import CHUNK, PoolSynthesizer, gather_images, split_held_out
 
 # ITU-R BT.601 luma weights, to turn colour sources into greyscale inputs.
 LUMA = (0.299, 0.587, 0.114)
