@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, data_overrides, machine  # noqa: E402
+from common import REPO, data_overrides, machine, pct, table_row, write_table  # noqa: E402
 
 from backdoors.config import Config, load_config  # noqa: E402
 from backdoors.experiment import build, clean_training_set, run  # noqa: E402
@@ -80,22 +80,14 @@ def main() -> None:
             delta = 100 * (s["clean_accuracy"] - baselines[key])
             extra = ", ".join(f"{n}: {100 * v['asr']:.1f}%" for n, v in
                               (s.get("variants") or {}).items())
-            rows.append(f"| {path.stem} | {config.task.name} | {config.attack.name} | "
-                        f"{100 * s['clean_accuracy']:.2f}% | {delta:+.2f} | "
-                        f"{100 * s['asr']:.2f}% | {100 * s['robust_accuracy']:.2f}% | "
-                        f"{extra or '-'} | {seconds:.0f} |")
+            rows.append(table_row(path.stem, config.task.name, config.attack.name,
+                                  pct(s["clean_accuracy"]), f"{delta:+.2f}", pct(s["asr"]),
+                                  pct(s["robust_accuracy"]), extra or "-", f"{seconds:.0f}"))
             print(rows[-1], flush=True)
-    header = [
-        f"Attack benchmark ({machine()}); clean-accuracy change is against clean training "
-        "of the same task, model and budget.",
-        "",
-        "| config | task | injection | clean acc | vs clean (pts) | ASR | RA | per backdoor ASR "
-        "| train+eval s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(header + rows) + "\n")
-    print(f"wrote {args.out}")
+    write_table(args.out, f"Attack benchmark ({machine()}); clean-accuracy change is against "
+                "clean training of the same task, model and budget.",
+                ["config", "task", "injection", "clean acc", "vs clean (pts)", "ASR", "RA",
+                 "per backdoor ASR", "train+eval s"], rows)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, data_overrides, machine  # noqa: E402
+from common import REPO, data_overrides, machine, pct, table_row, write_table  # noqa: E402
 
 from backdoors.config import load_config  # noqa: E402
 from backdoors.experiment import run  # noqa: E402
@@ -46,21 +46,15 @@ def main() -> None:
             sets = data_overrides(path) + FIT_BUDGET + CONFIGS[name]
             attacked = run(load_config(path, sets), out=tmp, quiet=True)
             clean = run(load_config(path, sets + ["attack={name: none}"]), out=tmp, quiet=True)
-            rows.append(f"| {name} | {attacked['poisoned_samples']} | "
-                        f"{100 * attacked['clean_accuracy']:.2f}% | "
-                        f"{100 * clean['clean_accuracy']:.2f}% | {100 * attacked['asr']:.2f}% | "
-                        f"{100 * clean['asr']:.2f}% |")
+            rows.append(table_row(name, attacked["poisoned_samples"],
+                                  pct(attacked["clean_accuracy"]), pct(clean["clean_accuracy"]),
+                                  pct(attacked["asr"]), pct(clean["asr"])))
             print(rows[-1], flush=True)
-    header = [
-        f"Clean-label attacks on CIFAR-10 in a regime the victim fits ({machine()}): first "
-        "2,000 training JPEGs, no augmentation, ResNet-18 width 16, 40 epochs, seed 1.",
-        "",
-        "| config | poisoned | clean acc | clean acc, no attack | ASR | ASR of a clean model |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(header + rows) + "\n")
-    print(f"wrote {args.out}")
+    write_table(args.out, f"Clean-label attacks on CIFAR-10 in a regime the victim fits "
+                f"({machine()}): first 2,000 training JPEGs, no augmentation, ResNet-18 "
+                "width 16, 40 epochs, seed 1.",
+                ["config", "poisoned", "clean acc", "clean acc, no attack", "ASR",
+                 "ASR of a clean model"], rows)
 
 
 if __name__ == "__main__":

@@ -41,3 +41,21 @@ def data_overrides(config_path: Path) -> list[str]:
         root = extract_shared_cifar(SHARED_DATA / "cifar10-jpg.tar.gz", CACHE / "cifar10-jpg")
         return [f"task.data_dir={root}"]
     return []
+
+
+def table_row(*cells: object) -> str:
+    """One Markdown table line."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def pct(fraction: float) -> str:
+    return f"{100 * fraction:.2f}%"
+
+
+def write_table(out: Path, title: str, columns: list[str], rows: list[str]) -> None:
+    """Write a Markdown results file: a title line, then a table of `columns` over `rows`
+    (each a `table_row`)."""
+    head = [table_row(*columns), "|" + " --- |" * len(columns)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join([title, "", *head, *rows]) + "\n")
+    print(f"wrote {out}")
