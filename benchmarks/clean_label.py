@@ -39,6 +39,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/clean_label.md")
     args = parser.parse_args()
     names = args.only.split(",") if args.only else list(CONFIGS)
+    unknown = sorted(set(names) - set(CONFIGS))
+    if unknown:
+        parser.error(f"--only: unknown config {', '.join(unknown)}; expected one of "
+                     f"{', '.join(CONFIGS)}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:

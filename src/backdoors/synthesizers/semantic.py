@@ -76,7 +76,8 @@ class SemanticSynthesizer(PoolSynthesizer):
         predicate = (source_class, dominant_color, style_clusters)
         if by_index and any(p is not None for p in predicate):
             raise ValueError("choose the images either by index (train_indices, test_indices) "
-                             "or by predicate (source_class, dominant_color), not both")
+                             "or by predicate (source_class, dominant_color, style_clusters), "
+                             "not both")
         if test_indices and not train_indices:
             raise ValueError("test_indices need train_indices (the images trained on)")
         given = list(train_indices or []) + list(test_indices or [])
