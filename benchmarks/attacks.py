@@ -20,8 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO, data_overrides, machine, pct, table_row, write_table  # noqa: E402
 
+from backdoors.assembly.build import build  # noqa: E402
+from backdoors.assembly.data import training_data  # noqa: E402
 from backdoors.config import Config, load_config  # noqa: E402
-from backdoors.experiment import build, clean_training_set, run  # noqa: E402
+from backdoors.experiment import run  # noqa: E402
 from backdoors.synthesizers import SYNTHESIZERS, Synthesizer  # noqa: E402
 
 # Config files whose attack is benchmarked; legacy and demo files are not.
@@ -46,7 +48,7 @@ def held_out(config: Config) -> tuple:
     if SYNTHESIZERS.get(config.synthesizer.name).excluded is Synthesizer.excluded:
         return ()  # keeps every row: no need to load data or run prepare()
     comps = build(config)
-    train_rows = len(clean_training_set(config, comps))  # prepare() picks the rows
+    train_rows = len(training_data(config, comps, central=False).clean_train)  # prepare() picks
     test = comps.synthesizer.excluded(comps.task.test, "test")
     return (train_rows, () if test is None else tuple(sorted(test.tolist())))
 

@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO, machine, mnist_split_dir  # noqa: E402
 
+from backdoors.assembly.artifact import defend  # noqa: E402
 from backdoors.config import from_dict  # noqa: E402
 from backdoors.defenses import DEFENSES  # noqa: E402
-from backdoors.defenses.runner import defend  # noqa: E402
 from backdoors.experiment import run  # noqa: E402
 
 PATTERN = {"name": "pattern", "target": 0}

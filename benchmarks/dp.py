@@ -35,7 +35,7 @@ from common import machine, mnist_split_dir  # noqa: E402
 from backdoors.config import from_dict  # noqa: E402
 from backdoors.experiment import Interrupted, resume, run  # noqa: E402
 from backdoors.hooks import Hook  # noqa: E402
-from backdoors.runs import Run  # noqa: E402
+from backdoors.runs import RunFolder  # noqa: E402
 
 BATCH, LR, MOMENTUM, CLIP, SIGMA, DELTA = 128, 0.05, 0.9, 1.0, 1.0, 1e-5
 BLIND = {"name": "blind", "fraction": 1.0, "balancer": {"name": "mgda", "normalize": "loss"}}
@@ -93,7 +93,7 @@ def interleaved(data_dir: Path, epochs: int, out: Path) -> dict[str, list[dict]]
             except Interrupted:
                 if not stop.stopped:
                     raise
-    return {label: [r for r in Run(d).rows() if r["kind"] == "epoch"]
+    return {label: [r for r in RunFolder(d).rows() if r["kind"] == "epoch"]
             for label, d in dirs.items()}
 
 

@@ -33,7 +33,7 @@ from common import REPO, machine, mnist_split_dir  # noqa: E402
 
 from backdoors.config import from_dict  # noqa: E402
 from backdoors.experiment import run  # noqa: E402
-from backdoors.runs import Run  # noqa: E402
+from backdoors.runs import RunFolder  # noqa: E402
 
 RULES: dict[str, dict[str, Any]] = {
     "FedAvg": {"name": "fedavg"},
@@ -74,7 +74,7 @@ def config(data_dir: Path, aggregator: dict, rounds: int, attack: bool,
 
 
 def rounds_of(summary: dict) -> list[dict]:
-    return [r for r in Run(Path(summary["run_dir"])).rows() if r["kind"] == "round"]
+    return [r for r in RunFolder(Path(summary["run_dir"])).rows() if r["kind"] == "round"]
 
 
 def pct(v: float | None) -> str:

@@ -94,9 +94,9 @@ def _mean_min(summaries: list[dict], key: str) -> str:
 
 
 def _rows(run_dir: str) -> list[dict]:
-    from backdoors.runs import Run
+    from backdoors.runs import RunFolder
 
-    return Run(Path(run_dir)).rows()
+    return RunFolder(Path(run_dir)).rows()
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
+from backdoors.assembly.build import build
 from backdoors.attacks import ATTACKS
 from backdoors.config import from_dict
 from backdoors.data import TASKS
-from backdoors.experiment import build, run
+from backdoors.experiment import run
 
 ATTACK_CASES = {
     "data": {"name": "data", "ratio": 0.1},

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from backdoors.compat import LEGACY_KEYS, convert_legacy, is_legacy
 from backdoors.config import from_dict, load_config
+from backdoors.config.compat import LEGACY_KEYS, convert_legacy, is_legacy
 from backdoors.errors import ConfigError
 from backdoors.legacy import legacy_lines
 
@@ -131,7 +131,7 @@ def test_training_py_bad_key_is_one_line(tmp_path):
 
 
 def test_legacy_evasion_loss_tasks_map_to_terms_with_options():
-    from backdoors.experiment import build
+    from backdoors.assembly.build import build
 
     native = convert_legacy({"task": "MNIST", "lr": 0.1, "nc_p_norm": 2,
                              "spectral_similarity": "cosine",
@@ -145,7 +145,7 @@ def test_legacy_evasion_loss_tasks_map_to_terms_with_options():
 
 
 def test_legacy_mask_norm_without_neural_cleanse_is_refused():
-    from backdoors.experiment import build
+    from backdoors.assembly.build import build
 
     native = convert_legacy({"task": "MNIST", "lr": 0.1,
                              "loss_tasks": ["normal", "backdoor", "mask_norm"]})

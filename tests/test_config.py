@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from backdoors.assembly.build import build
 from backdoors.config import apply_overrides, from_dict, load_config, parse_override
 from backdoors.errors import ConfigError
-from backdoors.experiment import build
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -98,7 +98,7 @@ def test_yaml_is_loaded_safely(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    from backdoors.experiment import resolved_config
+    from backdoors.assembly.build import resolved_config
 
     cfg = from_dict({"task": "digits", "train": {"epochs": 2}})
     resolved = resolved_config(cfg, build(cfg))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -54,9 +55,8 @@ def test_der():
 
 def test_clean_budget_avoids_poisoned_samples_and_is_deterministic():
     ds = ArrayDataset(torch.zeros(100, 1, 2, 2, dtype=torch.uint8), torch.arange(100))
-    poison = torch.arange(0, 50)
-    a = clean_budget(ds, poison, 0.2, seed=3)
-    b = clean_budget(ds, poison, 0.2, seed=3)
+    target = SimpleNamespace(clean_train=ds, poisoned=torch.arange(100) < 50, seed=3)
+    a, b = clean_budget(target, 0.2), clean_budget(target, 0.2)
     assert len(a) == 20 and torch.equal(a.labels, b.labels)
     assert bool((a.labels >= 50).all())
 

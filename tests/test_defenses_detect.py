@@ -11,16 +11,19 @@ import numpy as np
 import pytest
 import torch
 
+from backdoors.assembly.artifact import defend, reopen
+from backdoors.assembly.build import build
 from backdoors.config import from_dict
 from backdoors.data import Loader
 from backdoors.defenses.activation_clustering import Split, poisoned_clusters
 from backdoors.defenses.base import DefenseData
-from backdoors.defenses.runner import Artifact, clean_budget, defend
+from backdoors.defenses.runner import clean_budget
 from backdoors.defenses.scores import auroc
 from backdoors.defenses.sentinet import SentiNet, fit_boundary
 from backdoors.defenses.spectral_signatures import spectral_scores
 from backdoors.errors import ConfigError
-from backdoors.experiment import build, run
+from backdoors.experiment import run
+from backdoors.runs import RunFolder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,17 +65,16 @@ def test_abl_isolates_poison_and_lowers_asr(attack_run):
 
 
 def test_sentinet_separates_inputs_carrying_the_planted_patch(attack_run):
-    artifact = Artifact(attack_run)
-    task = artifact.comps.task
-    data = DefenseData(clean=clean_budget(task.train, artifact.poison_idx, 0.1, 0),
-                       num_classes=task.num_classes, input_shape=task.input_shape,
-                       device=artifact.device, generator=torch.Generator().manual_seed(0))
+    artifact = reopen(RunFolder(attack_run))
+    data = DefenseData(clean=clean_budget(artifact, 0.1), num_classes=artifact.num_classes,
+                       input_shape=artifact.input_shape, device=artifact.device,
+                       generator=torch.Generator().manual_seed(0))
     sentinet = SentiNet(n=16)
     sentinet.fit(artifact.model, data)
-    batch = next(iter(Loader(task.test, 128, artifact.device)))
+    batch = next(iter(artifact.test_loader))
     keep = batch.labels != 1  # inputs the trigger moves to the target
     clean = batch.select(keep)
-    triggered = artifact.comps.synthesizer.apply(clean, 1.0, torch.Generator().manual_seed(0))
+    triggered = artifact.synthesizer.apply(clean, 1.0, torch.Generator().manual_seed(0))
     scores = torch.cat([sentinet.score(artifact.model, clean.inputs),
                         sentinet.score(artifact.model, triggered.inputs)])
     positive = torch.arange(len(scores)) >= len(clean)

@@ -12,17 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backdoors.assembly.artifact import reopen
 from backdoors.config import from_dict
-from backdoors.defenses import DEFENSES, DefenseData
+from backdoors.defenses import DEFENSES, DefenseData, DefenseTarget
 from backdoors.defenses.anp import ANP, NeuronPerturbation, PrunedLayer, prune_neurons
 from backdoors.defenses.fine_pruning import ChannelMask
 from backdoors.defenses.i_bau import implicit_hypergradient
 from backdoors.defenses.layers import neuron_layers, stage_outputs
 from backdoors.defenses.nad import NAD, attention_map
-from backdoors.defenses.runner import Artifact, clean_budget
+from backdoors.defenses.runner import clean_budget
 from backdoors.errors import ConfigError
 from backdoors.experiment import run
 from backdoors.models import MODELS
+from backdoors.runs import RunFolder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,17 +51,16 @@ SETTINGS: dict[str, dict[str, Any]] = {
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> DefenseTarget:
     out = tmp_path_factory.mktemp("repair")
     run(from_dict(copy.deepcopy(ATTACK)), out=out, name="synthetic", quiet=True)
-    return Artifact(out / "synthetic")
+    return reopen(RunFolder(out / "synthetic"))
 
 
-def _data(artifact: Artifact) -> DefenseData:
-    task = artifact.comps.task
-    return DefenseData(clean=clean_budget(task.train, artifact.poison_idx, 0.05, 0),
-                       num_classes=task.num_classes, input_shape=task.input_shape,
-                       device=artifact.device, generator=torch.Generator().manual_seed(0))
+def _data(artifact: DefenseTarget) -> DefenseData:
+    return DefenseData(clean=clean_budget(artifact, 0.05), num_classes=artifact.num_classes,
+                       input_shape=artifact.input_shape, device=artifact.device,
+                       generator=torch.Generator().manual_seed(0))
 
 
 # -- behaviour -----------------------------------------------------------------------------
@@ -69,8 +70,8 @@ def _data(artifact: Artifact) -> DefenseData:
 def test_repair_removes_the_backdoor_and_keeps_accuracy(name, artifact):
     before = artifact.evaluate(artifact.model)
     state = {k: v.clone() for k, v in artifact.model.state_dict().items()}
-    repaired, _ = DEFENSES.build(name, SETTINGS[name], "defense").repair(
-        artifact.model, _data(artifact))
+    repaired = DEFENSES.build(name, SETTINGS[name], "defense").repair(
+        artifact.model, _data(artifact)).model
     after = artifact.evaluate(repaired)
     assert before["asr"] > 0.95 and before["clean_accuracy"] > 0.95
     assert after["asr"] < 0.3
@@ -81,8 +82,8 @@ def test_repair_removes_the_backdoor_and_keeps_accuracy(name, artifact):
 
 
 def test_nad_distils_the_stage_outputs_of_the_model(artifact):
-    _, result = NAD(epochs=1, teacher_epochs=1).repair(artifact.model, _data(artifact))
-    names = [n for n, _ in stage_outputs(artifact.model, artifact.comps.task.input_shape)]
+    result = NAD(epochs=1, teacher_epochs=1).repair(artifact.model, _data(artifact))
+    names = [n for n, _ in stage_outputs(artifact.model, artifact.input_shape)]
     assert result.figures["attention_layers"] == names and len(names) == 2
 
 

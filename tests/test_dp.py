@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from backdoors.assembly.build import build
 from backdoors.attacks.loss_terms import BackdoorLoss, LossContext, row_factors
 from backdoors.batch import Batch
-from backdoors.compat import convert_legacy
 from backdoors.config import from_dict
+from backdoors.config.compat import convert_legacy
 from backdoors.data.loader import Loader
 from backdoors.errors import ConfigError
-from backdoors.experiment import build, run
+from backdoors.experiment import run
 from backdoors.training.accounting import epsilon, sample_rate
 from backdoors.training.dp import DPSGD, clip_and_sum, gaussian_noise
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from backdoors.assembly.build import build
 from backdoors.attacks.loss_terms import LOSS_TERMS, LossContext
 from backdoors.config import from_dict
 from backdoors.data import Loader
-from backdoors.experiment import build
 
 
 @pytest.fixture

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backdoors.compat import convert_legacy
-from backdoors.config import from_dict
+from backdoors.assembly.build import build, resolved_config
+from backdoors.config import FederatedConfig, from_dict
+from backdoors.config.compat import convert_legacy
 from backdoors.errors import ConfigError
-from backdoors.federated.aggregators import AGGREGATORS, RoundContext
+from backdoors.federated import AGGREGATORS, RoundContext
 from backdoors.federated.outputs import detection, totals
 from backdoors.federated.partition import dirichlet_split, iid_split
-from backdoors.federated.settings import FederatedConfig
-from backdoors.federated.simulation import sample_round
+from backdoors.federated.population import sample_round
 from backdoors.federated.updates import FlatModel, mean_buffers
 from backdoors.models import MODELS
 
@@ -252,7 +252,8 @@ def test_fixed_adversaries_attack_whenever_sampled():
 
 
 def native(federated: dict) -> dict:
-    return {"task": {"name": "synthetic"}, "federated": federated}
+    return {"task": {"name": "synthetic"}, "federated": federated,
+            "synthesizer": {"name": "pattern", "target": 1}}
 
 
 @pytest.mark.parametrize("section, needle", [
@@ -267,11 +268,11 @@ def native(federated: dict) -> dict:
     ({"aggregator": {"name": "krum", "byzantine": 8}}, "federated.aggregator (krum)"),
     ({"attack_round": 2}, "federated.attack_round needs federated.adversaries"),
     ({"eta": 0}, "federated.eta must be > 0"),
-    ({"aggregator": 3}, "federated.aggregator needs a 'name'"),
+    ({"aggregator": 3}, "'federated.aggregator' needs a 'name'"),
 ])
 def test_config_errors_name_the_key(section, needle):
     with pytest.raises(ConfigError) as info:
-        from_dict(native(section))
+        build(from_dict(native(section)))  # aggregator options are checked at build
     assert needle in str(info.value)
 
 
@@ -280,7 +281,8 @@ def test_config_accepts_a_short_aggregator_and_round_trips():
     assert cfg.federated.aggregator.name == "flame"
     again = from_dict(cfg.as_dict())
     assert again.federated == cfg.federated
-    assert cfg.federated.resolved()["aggregator"] == {"name": "flame", "noise_factor": 0.001}
+    resolved = resolved_config(cfg, build(cfg))["federated"]
+    assert resolved["aggregator"] == {"name": "flame", "noise_factor": 0.001}
     assert "federated" not in from_dict({"task": {"name": "synthetic"}}).as_dict()
 
 
@@ -316,10 +318,7 @@ def test_legacy_fl_defaults_and_fl_false():
     ({"dp": True}, "train.dp"),
 ])
 def test_train_options_clients_cannot_honour_are_refused(train, needle):
-    from backdoors.experiment import build
-
-    cfg = from_dict({**native({"participants": 4, "per_round": 2}), "train": train,
-                     "synthesizer": {"name": "pattern", "target": 1}, "attack": "none"})
     with pytest.raises(ConfigError) as info:
-        build(cfg)
+        from_dict({**native({"participants": 4, "per_round": 2}), "train": train,
+                   "synthesizer": {"name": "pattern", "target": 1}, "attack": "none"})
     assert needle in str(info.value)

@@ -15,7 +15,7 @@ from backdoors.config import from_dict
 from backdoors.errors import ConfigError
 from backdoors.experiment import Interrupted, resume, run
 from backdoors.hooks import Hook
-from backdoors.runs import Run
+from backdoors.runs import RunFolder
 
 
 def fl(tiny: dict[str, Any], aggregator: str = "original", **federated: Any) -> dict[str, Any]:
@@ -32,7 +32,7 @@ def fl(tiny: dict[str, Any], aggregator: str = "original", **federated: Any) -> 
 
 
 def rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    return [r for r in Run(Path(summary["run_dir"])).rows() if r["kind"] == "round"]
+    return [r for r in RunFolder(Path(summary["run_dir"])).rows() if r["kind"] == "round"]
 
 
 def test_replacement_backdoors_fedavg_and_krum_stops_it(tiny, tmp_path):
@@ -60,7 +60,7 @@ def test_defenses_run_on_the_final_global_model(tiny, tmp_path, capsys):
     assert summary["asr"] >= 0.9
     assert summary["defenses"]["strip"]["auroc"] > 0.55  # 0.70 when written
     code = cli_main(["defend", summary["run_dir"], "--defense", "fine_pruning"])
-    repaired = Run(Path(summary["run_dir"])).read_summary()["defenses"]["fine_pruning"]
+    repaired = RunFolder(Path(summary["run_dir"])).read_summary()["defenses"]["fine_pruning"]
     assert code == 0 and repaired["before"]["asr"] == pytest.approx(summary["asr"])
     assert repaired["after"]["asr"] < 0.2
     assert repaired["after"]["clean_accuracy"] > repaired["before"]["clean_accuracy"]
@@ -95,7 +95,7 @@ def test_resume_repeats_an_uninterrupted_run(tiny, tmp_path):
     whole = run(cfg, out=tmp_path, name="whole", quiet=True)
     with pytest.raises(Interrupted):
         run(cfg, out=tmp_path, name="cut", hooks=[_StopAfter(1)], quiet=True)
-    assert Run(tmp_path / "cut").read_summary()["status"] == "interrupted"
+    assert RunFolder(tmp_path / "cut").read_summary()["status"] == "interrupted"
     resumed = resume(tmp_path / "cut", quiet=True)
     assert [r["round"] for r in rows(resumed)] == [1, 2]
     for key in ("clean_accuracy", "asr", "max_asr"):
@@ -148,7 +148,7 @@ fl_dp_noise: 0.0001
     assert main(["--name", "fed", "--params", str(params)]) == 0
     out = capsys.readouterr().out
     assert "Backdoor False. Epoch: 1. Accuracy" in out and "Backdoor True . Epoch: 2." in out
-    summary = Run(Path(out.strip().splitlines()[-1].split(": ", 1)[1])).read_summary()
+    summary = RunFolder(Path(out.strip().splitlines()[-1].split(": ", 1)[1])).read_summary()
     assert summary["aggregator"] == "weak_dp" and summary["attack_rounds"] == [2]
 
 

@@ -132,8 +132,9 @@ def test_check_rejects_unknown_component_with_the_name_path() -> None:
     ("key", "value", "expected"),
     [
         ("name", 3, "a string"),
-        ("rate", "0.5", "a number"),
-        ("rate", True, "a number"),
+        ("rate", "0.5", "a finite number"),
+        ("rate", float("nan"), "a finite number"),
+        ("rate", True, "a finite number"),
         ("steps", True, "an integer"),
         ("steps", 2.0, "an integer"),
         ("flag", 1, "true/false"),
@@ -200,7 +201,7 @@ def test_sequence_hints_are_checked(hint: object) -> None:
     ("hint", "name"),
     [
         (int, "an integer"),
-        (float, "a number"),
+        (float, "a finite number"),
         (bool, "true/false"),
         (str, "a string"),
         (type(None), "null"),

@@ -17,7 +17,7 @@ from backdoors.cli import main
 from backdoors.config import from_dict
 from backdoors.experiment import Interrupted, resume, run
 from backdoors.hooks import Hook
-from backdoors.runs import Run
+from backdoors.runs import RunFolder
 
 EPOCHS = 4
 
@@ -31,7 +31,7 @@ def config(tiny):
 
 
 def epoch_rows(path: Path) -> list[dict]:
-    return [r for r in Run(path).rows() if r["kind"] == "epoch"]
+    return [r for r in RunFolder(path).rows() if r["kind"] == "epoch"]
 
 
 def same_metrics(a: list[dict], b: list[dict]) -> bool:

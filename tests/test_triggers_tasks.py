@@ -12,16 +12,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from backdoors.assembly.build import build
 from backdoors.attacks import LOSS_TERMS, LossContext
 from backdoors.batch import Batch
-from backdoors.compat import convert_legacy
 from backdoors.config import from_dict, load_config
+from backdoors.config.compat import convert_legacy
 from backdoors.data import TASKS, ArrayDataset, Loader
 from backdoors.data.counting import identity_labels
 from backdoors.data.mnist import write_idx
 from backdoors.data.pipa import square_box
 from backdoors.errors import ConfigError
-from backdoors.experiment import build, run
+from backdoors.experiment import run
 from backdoors.synthesizers import SYNTHESIZERS, Synthesizer
 from backdoors.synthesizers.calculator import PLUS, TIMES
 
@@ -500,8 +501,11 @@ def test_complex_backdoor_switches_counting_to_identity(tmp_path, one_thread):
     task = {"name": "counting", "data_dir": str(blob_digits(tmp_path / "d")),
             "train_size": 600, "test_size": 300, "canvas": 32, "digit_size": 16,
             "max_count": 4, "identities": [0, 1]}
-    summary = run(from_dict(train_config(task, {"name": "complex", "position": [0, 31]})),
-                  out=tmp_path, quiet=True)
+    config = train_config(task, {"name": "complex", "position": [0, 31]})
+    # At lr 0.05 this 4-wide model's counting swings between 54% and 95% with the seed and
+    # the CPU; 0.02 keeps it above 75% on every seed tried (0-3).
+    config["train"]["lr"] = 0.02
+    summary = run(from_dict(config), out=tmp_path, quiet=True)
     # A model that ignored the trigger and counted perfectly would score `coincide` on the
     # triggered rows that have an identity (count - 1 happening to equal the identity).
     test = TASKS.build("counting", {k: v for k, v in task.items() if k != "name"}, "task").test

@@ -1,17 +1,23 @@
 """The `backdoors` command: train, validate, list, show, defend, gallery.
 
-Usage and config errors print one line on stderr and exit with code 2 (no traceback).
+Usage, config, data and run-folder errors print one line on stderr and exit with code 2;
+a run that failed (diverged, say) prints one line and exits with 1; an interrupted run
+exits with 130. Never a traceback (set BACKDOORS_DEBUG=1 to see one for an unexpected
+error).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from backdoors.errors import BackdoorsError
+from backdoors.errors import BackdoorsError, RunFailed
+from backdoors.version import __version__
 
 LISTABLE = ("tasks", "models", "synthesizers", "attacks", "balancers", "loss_terms",
             "defenses", "aggregators")
@@ -22,13 +28,14 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(_fail(f"{self.prog}: {message}"))
 
 
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
+def _fail(message: str, code: int = 2) -> int:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)  # always one line
+    return code
 
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="backdoors", description="Backdoor attacks and defenses for deep learning.")
+    p.add_argument("--version", action="version", version=f"backdoors {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a model under attack (or resume a run)")
@@ -55,6 +62,17 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--defense", required=True, help="defense name (backdoors list defenses)")
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="defense option, e.g. --set clean_fraction=0.1 (repeatable)")
+
+    c = sub.add_parser("crashtest", help="kill a config's run at every write and at random "
+                       "instants; check each resume ends exactly as an uninterrupted run")
+    c.add_argument("config")
+    c.add_argument("--out", help="work folder (default runs/crashtest-NAME)")
+    c.add_argument("--units", type=int, default=3,
+                   help="kill after every write of the first N epochs/rounds (default 3)")
+    c.add_argument("--instants", type=int, default=30,
+                   help="also kill at N random instants (default 30)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the random instants")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     g = sub.add_parser("gallery", help="draw clean vs triggered test images to a PNG")
     g.add_argument("config")
@@ -97,8 +115,8 @@ def _summary_line(summary: dict) -> str:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from backdoors.assembly.build import build
     from backdoors.config import load_config
-    from backdoors.experiment import build
 
     for path in args.files:
         try:
@@ -113,7 +131,7 @@ def _list(args: argparse.Namespace) -> int:
     import backdoors.attacks as attacks
     from backdoors.data import TASKS
     from backdoors.defenses import DEFENSES
-    from backdoors.federated.aggregators import AGGREGATORS
+    from backdoors.federated import AGGREGATORS
     from backdoors.models import MODELS
     from backdoors.synthesizers import SYNTHESIZERS
 
@@ -131,17 +149,22 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    path = Path(args.run_dir) / "summary.json"
-    if not path.is_file():
-        return _fail(f"{args.run_dir} is not a run folder (no summary.json)")
-    summary = json.loads(path.read_text())
+    from backdoors.runs import RunFolder, is_locked
+
+    folder = RunFolder.existing(args.run_dir)
+    summary = folder.read_summary()
+    if not summary:
+        return _fail(f"{folder.path} has no summary.json yet (its run has not started)")
     print(json.dumps(summary, indent=2))
+    if summary.get("status") == "running" and not is_locked(folder.path):
+        print(f"note: no process is running {folder.path} (it was killed); resume with: "
+              f"backdoors train --resume {folder.path}", file=sys.stderr)
     return 0
 
 
 def _defend(args: argparse.Namespace) -> int:
+    from backdoors.assembly.artifact import defend
     from backdoors.config import parse_override
-    from backdoors.defenses.runner import defend
     from backdoors.defenses.scores import format_result
 
     kwargs = {}
@@ -167,19 +190,48 @@ def _gallery(args: argparse.Namespace) -> int:
     return 0
 
 
+def _crashtest(args: argparse.Namespace) -> int:
+    from backdoors.config import load_config
+    from backdoors.crashtest import crashtest
+
+    if args.units < 0 or args.instants < 0:
+        return _fail("--units and --instants must be >= 0")
+    config = load_config(args.config, args.overrides)
+    out = Path(args.out or f"runs/crashtest-{config.name}")
+    if out.exists() and any(out.iterdir()):
+        return _fail(f"--out {out} is not empty; crashtest needs a fresh folder")
+
+    def report(scenario: Any) -> None:
+        mark = "held  " if scenario.held else "BROKEN"
+        print(f"{mark}  kill {scenario.kill}  {scenario.detail}".rstrip(), flush=True)
+
+    results = crashtest(config, out, args.units, args.instants, args.seed, report)
+    held = sum(r.held for r in results)
+    print(f"{held} of {len(results)} killed runs resumed to the uninterrupted result ({out})")
+    return 0 if held == len(results) else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `backdoors` console script."""
     try:
         args = _parser().parse_args(argv)
         handler = {"train": _train, "validate": _validate, "list": _list, "show": _show,
-                   "gallery": _gallery, "defend": _defend}
+                   "gallery": _gallery, "defend": _defend, "crashtest": _crashtest}
         return handler[args.command](args)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
     except BackdoorsError as exc:
         return _fail(str(exc))
+    except RunFailed as exc:
+        return _fail(str(exc), code=1)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - the promise is one line, never a traceback
+        if os.environ.get("BACKDOORS_DEBUG"):
+            raise
+        first = (str(exc).splitlines() or [""])[0]
+        return _fail(f"unexpected {type(exc).__name__}: {first} (set BACKDOORS_DEBUG=1 for "
+                     "the traceback)", code=1)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Errors a user can fix. The CLI prints them as one line and exits with code 2."""
+"""Errors. Those a user can fix (BackdoorsError) print as one line and exit with code 2;
+a run that failed on its own (RunFailed) prints one line and exits with code 1."""
 
 from __future__ import annotations
 
@@ -19,7 +20,20 @@ class DataError(BackdoorsError):
 
 
 class RunError(BackdoorsError):
-    """A run folder is missing, incomplete or would be overwritten."""
+    """A run folder is missing, incomplete, damaged, busy or would be overwritten."""
+
+
+class Diverged(Exception):  # noqa: N818 - reads as "training diverged"
+    """A training loss (or the model) became non-finite. `where` says when, e.g.
+    "epoch 2, step 37"; the lifecycle turns it into a failed run."""
+
+    def __init__(self, where: str, what: str) -> None:
+        super().__init__(f"{what} at {where}")
+        self.where, self.what = where, what
+
+
+class RunFailed(Exception):  # noqa: N818 - reads as "the run failed"
+    """A run stopped with status `failed`; its summary.json records the error (exit 1)."""
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:

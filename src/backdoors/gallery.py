@@ -11,6 +11,7 @@ from backdoors.batch import Batch
 from backdoors.config import Config
 from backdoors.data.dataset import ArrayDataset, Dataset
 from backdoors.errors import DataError
+from backdoors.seeds import TRIGGER, stream
 
 TRIGGER_SEED = 0
 
@@ -45,11 +46,10 @@ def draw_gallery(config: Config, out: Path, n: int = 8) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from backdoors.experiment import TRIGGER_STREAM, build
+    from backdoors.assembly.build import build
 
     comps = build(config)
-    gen = torch.Generator().manual_seed(config.seed * 1000 + TRIGGER_STREAM)
-    comps.synthesizer.prepare(comps.task.train, gen)
+    comps.synthesizer.prepare(comps.task.train, stream(config.seed, TRIGGER))
     test = comps.synthesizer.backdoor_test_set() or comps.task.test
     if len(test) == 0:
         raise DataError("the test set is empty; nothing to draw")

@@ -19,7 +19,12 @@ class Hook:
         """Mean losses and scales of the last `log_interval` steps."""
 
     def on_epoch_end(self, epoch: int, row: dict[str, Any], model: nn.Module) -> None:
-        """An epoch finished and was evaluated; `row` is its metrics.jsonl row."""
+        """An epoch (or federated round) finished and was evaluated; `row` is its
+        metrics.jsonl row."""
+
+    def on_scalars(self, group: str, values: dict[str, float], step: int) -> None:
+        """Extra figures of the unit just finished (e.g. group "Federated": update norms,
+        detection), after `on_epoch_end`."""
 
     def on_end(self) -> None:
         """Training stopped (finished, interrupted or failed)."""
@@ -64,6 +69,11 @@ class TensorBoardHook(Hook):
         self.writer.add_scalar("Train/lr", row["lr"], epoch)
         if row.get("dp_epsilon") is not None:
             self.writer.add_scalar("Train/DP_epsilon", row["dp_epsilon"], epoch)
+        self.writer.flush()
+
+    def on_scalars(self, group: str, values: dict[str, float], step: int) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(f"{group}/{key}", value, step)
         self.writer.flush()
 
     def on_end(self) -> None:

@@ -17,9 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from backdoors.compat import convert_legacy, is_legacy
-from backdoors.config import apply_overrides, from_dict, read_yaml
-from backdoors.errors import BackdoorsError, ConfigError
+from backdoors.config import apply_overrides, convert_legacy, from_dict, is_legacy, read_yaml
+from backdoors.errors import BackdoorsError, ConfigError, RunFailed
 from backdoors.hooks import Hook, TensorBoardHook
 
 
@@ -89,8 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             hooks.append(TensorBoardHook(Path("runs") / args.name))
         summary = run(config, out="runs", hooks=hooks, quiet=True)
     except BackdoorsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except RunFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except Interrupted as stop:
         print(f"interrupted; resume with: backdoors train --resume {stop.run_dir}",
               file=sys.stderr)

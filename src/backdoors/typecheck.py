@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections.abc
 import inspect
+import math
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -63,7 +64,8 @@ def matches_type(value: Any, hint: Any) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        # nan and inf are never meant in a config: a learning rate of .nan trains nothing.
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value)
     if hint is str:
         return isinstance(value, str)
     if origin in (list, tuple, collections.abc.Sequence) or hint in (list, tuple):
@@ -87,6 +89,13 @@ def matches_type(value: Any, hint: Any) -> bool:
     return True
 
 
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def type_name(hint: Any) -> str:
     """A readable name for a type hint, as used in error messages."""
     origin = get_origin(hint)
@@ -98,5 +107,5 @@ def type_name(hint: Any) -> str:
         return "null"
     if origin is not None:
         return {list: "a list", tuple: "a list", dict: "a mapping"}.get(origin, str(hint))
-    names = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}
+    names = {int: "an integer", float: "a finite number", bool: "true/false", str: "a string"}
     return names.get(hint, getattr(hint, "__name__", str(hint)))

@@ -64,7 +64,7 @@ class NeuralCleanseEvasion(LossTerm):
         self.mask_param.requires_grad_(True)
         self.pattern_param.requires_grad_(True)
         self.optimizer = torch.optim.Adam([self.mask_param, self.pattern_param], lr=self.mask_lr)
-        self.target = synthesizer.target
+        self.target = synthesizer.single_target("loss term neural_cleanse")
         self._reversed: LossContext | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -191,7 +191,7 @@ class SentiNetEvasion(LossTerm):
     uses_backdoor = True
 
     def setup(self, model: nn.Module, synthesizer: Synthesizer) -> None:
-        self.target = synthesizer.target
+        self.target = synthesizer.single_target("loss term sentinet_evasion")
 
     def __call__(self, ctx: LossContext) -> Tensor:
         rows = ctx.backdoor.poisoned

@@ -113,9 +113,9 @@ class NormalLoss(RowLossTerm):
 class BackdoorLoss(RowLossTerm):
     """Cross-entropy on the backdoor copy (poisoned rows carry backdoor labels).
 
-    When the synthesizer has a `loss_weights(batch)` method returning per-row weights, the
-    loss is their weighted mean instead; the `complex` trigger uses it to down-weight rows
-    with no target identity. Other synthesizers have none (plain mean).
+    When the synthesizer's `loss_weights(batch)` returns per-row weights, the loss is their
+    weighted mean instead; the `complex` trigger uses it to down-weight rows with no
+    target identity. Other synthesizers return None (plain mean).
     """
 
     uses_backdoor = True
@@ -128,5 +128,4 @@ class BackdoorLoss(RowLossTerm):
         return F.cross_entropy(ctx.logits("backdoor"), ctx.backdoor.labels, reduction="none")
 
     def row_weights(self, ctx: LossContext) -> Tensor | None:
-        weigh = getattr(self.synthesizer, "loss_weights", None)
-        return weigh(ctx.backdoor) if weigh is not None else None
+        return None if self.synthesizer is None else self.synthesizer.loss_weights(ctx.backdoor)

@@ -13,9 +13,10 @@ from backdoors.attacks.base import (
     cross_entropy_rows,
     cross_entropy_step,
 )
+from backdoors.attacks.poisoned_sets import PoisonedStream, poison_array_dataset
 from backdoors.batch import Batch
 from backdoors.data.dataset import ArrayDataset, Dataset
-from backdoors.data.poisoned import PoisonedStream, poison_array_dataset
+from backdoors.synthesizers.base import Synthesizer
 
 
 @ATTACKS.register("none")
@@ -49,6 +50,11 @@ class DataPoisoning(PerSampleAttack):
             raise ValueError(f"ratio must be in [0, 1], got {ratio}")
         self.ratio, self.indices, self.clean_label = ratio, indices, clean_label
 
+    def bind(self, synthesizer: Synthesizer, model: nn.Module) -> None:
+        super().bind(synthesizer, model)
+        if self.clean_label:  # refuse all-to-all or label functions before any data loads
+            synthesizer.single_target("attack data with clean_label: true")
+
     def choose(self, labels: Tensor, generator: torch.Generator) -> Tensor:
         """Indices to poison, sorted; drawn with `generator` unless given explicitly."""
         n = len(labels)
@@ -59,7 +65,8 @@ class DataPoisoning(PerSampleAttack):
             return idx
         pool = torch.arange(n)
         if self.clean_label:
-            pool = (labels.cpu() == self.synthesizer.target).nonzero().flatten()
+            target = self.synthesizer.single_target("attack data with clean_label: true")
+            pool = (labels.cpu() == target).nonzero().flatten()
         k = min(len(pool), int(round(self.ratio * n)))
         return pool[torch.randperm(len(pool), generator=generator)[:k]].sort().values
 

@@ -27,6 +27,8 @@ class Task(ABC):
     default_model: str = "simple_net"
     default_augment: bool = False
     class_names: tuple[str, ...] | None = None
+    # Loader processes decoding a streaming dataset (image folders); in-memory tasks: 0.
+    num_workers: int = 0
 
     def __init__(
         self,

@@ -18,16 +18,23 @@ from backdoors.defenses.base import (
     DatasetSanitizer,
     Defense,
     DefenseData,
-    DefenseResult,
     InputDetector,
     ModelInspector,
     ModelRepair,
-    Trained,
-    TrainingBudget,
     TrainingDefense,
 )
+from backdoors.defenses.results import (
+    DefenseResult,
+    Inspection,
+    Outcome,
+    Repaired,
+    Sanitized,
+    Trained,
+)
+from backdoors.defenses.target import DefenseTarget, TrainingBudget
 
 __all__ = [
-    "DEFENSES", "DatasetSanitizer", "Defense", "DefenseData", "DefenseResult", "InputDetector",
-    "ModelInspector", "ModelRepair", "Trained", "TrainingBudget", "TrainingDefense",
+    "DEFENSES", "DatasetSanitizer", "Defense", "DefenseData", "DefenseResult", "DefenseTarget",
+    "InputDetector", "Inspection", "ModelInspector", "ModelRepair", "Outcome", "Repaired",
+    "Sanitized", "Trained", "TrainingBudget", "TrainingDefense",
 ]

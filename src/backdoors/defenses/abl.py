@@ -11,14 +11,9 @@ from torch import Tensor, nn
 
 from backdoors.data.dataset import ArrayDataset
 from backdoors.data.loader import Loader
-from backdoors.defenses.base import (
-    DEFENSES,
-    DefenseData,
-    DefenseResult,
-    Trained,
-    TrainingBudget,
-    TrainingDefense,
-)
+from backdoors.defenses.base import DEFENSES, DefenseData, TrainingDefense
+from backdoors.defenses.results import Trained
+from backdoors.defenses.target import TrainingBudget
 from backdoors.defenses.training import accuracy, predict
 from backdoors.errors import DataError
 from backdoors.training.optim import make_optimizer, make_scheduler
@@ -118,9 +113,9 @@ class AntiBackdoorLearning(TrainingDefense):
         fit(data.train.subset((~isolated).nonzero().flatten()), epochs - isolation, None)
         unlearned = self._unlearn(model, data, data.train.subset(isolated.nonzero().flatten()),
                                   tc.batch_size)
-        return Trained(model.eval(), scores=-losses, flagged=isolated, result=DefenseResult(
-            figures={"isolation_epochs": isolation,
-                     "isolation_loss_threshold": float(losses[isolated].max()), **unlearned}))
+        return Trained(model=model.eval(), scores=-losses, flagged=isolated, figures={
+            "isolation_epochs": isolation,
+            "isolation_loss_threshold": float(losses[isolated].max()), **unlearned})
 
     def _unlearn(self, model: nn.Module, data: DefenseData, isolated: ArrayDataset,
                  batch_size: int) -> dict[str, Any]:

@@ -9,9 +9,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from backdoors.defenses.base import DEFENSES, DatasetSanitizer, DefenseData, DefenseResult
+from backdoors.defenses.base import DEFENSES, DatasetSanitizer, DefenseData
+from backdoors.defenses.results import Sanitized
 from backdoors.defenses.training import predict
 
 Reduction = Literal["ica", "pca"]
@@ -119,7 +120,7 @@ class ActivationClustering(DatasetSanitizer):
     `alpha`, 0.01), or when it is under `size_threshold` and holds none (the size rule,
     for budgets too small to tell). Per-sample score, for AUROC: -log10 of that tail
     (`size`: 1 - relative size + silhouette). Flagged classes, silhouettes and clean
-    counts go to `last_result.figures`.
+    counts are reported with the scores.
     """
 
     def __init__(self, dims: int = 10, size_threshold: float = 0.35,
@@ -132,10 +133,8 @@ class ActivationClustering(DatasetSanitizer):
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
         self.dims, self.size_threshold, self.reduction = dims, size_threshold, reduction
         self.analysis, self.alpha = analysis, alpha
-        self.last_result = DefenseResult()
-        self._removed: Tensor | None = None
 
-    def score(self, model: nn.Module, data: DefenseData) -> Tensor:
+    def sanitize(self, model: nn.Module, data: DefenseData) -> Sanitized:
         if data.train is None:
             raise RuntimeError("activation_clustering needs the training set")
         features, labels = predict(model, data.train, data, model.features)
@@ -161,14 +160,7 @@ class ActivationClustering(DatasetSanitizer):
             clean_counts[c] = split.clean_counts.tolist()
             if poisoned.any():
                 flagged.append(c)
-        self._removed = removed
         figures: dict[str, Any] = {"flagged_classes": flagged, "silhouette": silhouettes}
         if self.analysis == "clean":
             figures["clean_per_cluster"] = clean_counts
-        self.last_result = DefenseResult(figures=figures)
-        return scores.float()
-
-    def removed(self, scores: Tensor) -> Tensor:
-        if self._removed is None or len(self._removed) != len(scores):
-            raise RuntimeError("call score(model, data) before removed(scores)")
-        return self._removed
+        return Sanitized(scores=scores.float(), removed=removed, figures=figures)

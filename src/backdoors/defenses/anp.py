@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backdoors.data.loader import Loader
-from backdoors.defenses.base import DEFENSES, DefenseData, DefenseResult, ModelRepair
+from backdoors.defenses.base import DEFENSES, DefenseData, ModelRepair
 from backdoors.defenses.layers import neuron_layers, output_shapes
+from backdoors.defenses.results import Repaired
 from backdoors.defenses.training import accuracy
 
 Granularity = Literal["unit", "channel"]
@@ -233,13 +234,13 @@ class ANP(ModelRepair):
         parts = chosen.split([m.numel() for m in masks])
         return [p.view(m.shape) for p, m in zip(parts, masks, strict=True)]
 
-    def repair(self, model: nn.Module, data: DefenseData) -> tuple[nn.Module, DefenseResult]:
+    def repair(self, model: nn.Module, data: DefenseData) -> Repaired:
         neurons = self.optimize_masks(model, data)
         pruned = self.pruned(neurons.masks)
         repaired = prune_neurons(copy.deepcopy(model), neurons.names, pruned).eval()
         per_layer = {n: int(p.sum()) for n, p in zip(neurons.names, pruned, strict=True)}
         count, total = sum(per_layer.values()), sum(p.numel() for p in pruned)
-        return repaired, DefenseResult(figures={
+        return Repaired(model=repaired, figures={
             "pruned_neurons": count,
             "pruned_ratio": count / max(total, 1),
             "pruned_per_layer": per_layer,

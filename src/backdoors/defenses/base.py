@@ -1,24 +1,27 @@
-"""Defense stages: one small ABC per stage; the runner owns data access and evaluation.
+"""Defense stages: one small ABC per stage, each owning how its defenses are measured.
 
 Each defense declares what it may see (`uses_training_set`: the possibly poisoned
 training set, for dataset-level and training-time defenses; `clean_fraction`: the size of
 the clean budget as a fraction of the training set, default 5% as in BackdoorBench). The
 runner hands it a DefenseData with exactly that, and never test labels, the trigger or
-poison indices.
+poison indices. A stage's `measure` runs the defense and judges it with the figures that
+fit the stage (defenses/measure.py); a new defense implements only its stage's method.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from backdoors.config import TrainConfig
 from backdoors.data.dataset import ArrayDataset, Dataset
-from backdoors.data.loader import Augment, Loader
+from backdoors.data.loader import Loader
+from backdoors.defenses.measure import detection, input_detection, mitigation, recall_at, removal
+from backdoors.defenses.results import Inspection, Outcome, Repaired, Sanitized, Trained
+from backdoors.defenses.target import DefenseTarget, TrainingBudget
 from backdoors.registry import Registry
 
 DEFENSES: Registry[Defense] = Registry("defense")
@@ -43,15 +46,6 @@ class DefenseData:
                       generator=self.generator, augment=augment)
 
 
-@dataclass
-class DefenseResult:
-    """What a defense reports besides what the runner measures. `artifacts` maps file
-    names to PNG-ready figures' data (the runner writes them)."""
-
-    figures: dict[str, Any] = field(default_factory=dict)
-    artifacts: dict[str, Tensor] = field(default_factory=dict)
-
-
 class Defense(ABC):
     """Base class of every stage."""
 
@@ -67,6 +61,12 @@ class Defense(ABC):
     def name(self) -> str:
         return getattr(type(self), "registry_name", type(self).__name__)
 
+    @abstractmethod
+    def measure(self, model: nn.Module, data: DefenseData, target: DefenseTarget,
+                before: dict[str, Any]) -> Outcome:
+        """Run the defense on `model` (a copy of the attacked one, which scored `before`)
+        and judge it."""
+
 
 class InputDetector(Defense):
     """Scores test-time inputs: higher = more likely triggered (STRIP, SentiNet, ...)."""
@@ -80,34 +80,67 @@ class InputDetector(Defense):
     def score(self, model: nn.Module, x: Tensor) -> Tensor:
         """Suspicion per input of the pixel batch x."""
 
+    def measure(self, model: nn.Module, data: DefenseData, target: DefenseTarget,
+                before: dict[str, Any]) -> Outcome:
+        self.fit(model, data)
+        return Outcome(figures=input_detection(self.score, model, target))
+
 
 class DatasetSanitizer(Defense):
     """Scores training samples: higher = more likely poisoned (spectral signatures, ...)."""
 
     stage = "dataset"
     uses_training_set = True
-    # Figures beyond the scores (e.g. flagged classes); set by `score` where it has any.
-    last_result: DefenseResult = DefenseResult()
 
     @abstractmethod
-    def score(self, model: nn.Module, data: DefenseData) -> Tensor:
-        """Suspicion per sample of data.train, in dataset order."""
+    def sanitize(self, model: nn.Module, data: DefenseData) -> Sanitized:
+        """Suspicion per sample of data.train (dataset order) and the samples the defense's
+        own rule removes."""
 
-    @abstractmethod
-    def removed(self, scores: Tensor) -> Tensor:
-        """The samples the defense's own rule removes (bool per sample of data.train),
-        given the scores `score` just returned; the runner reports their recall and
-        precision next to the threshold-free AUROC."""
+    def measure(self, model: nn.Module, data: DefenseData, target: DefenseTarget,
+                before: dict[str, Any]) -> Outcome:
+        found = self.sanitize(model, data)
+        scores, poisoned = found.scores.cpu(), target.poisoned
+        figures = {**detection(scores, poisoned),
+                   "recall_at_1_5x": recall_at(scores, poisoned, 1.5),
+                   **removal(found.removed.cpu(), poisoned, "removed"), **found.figures}
+        return Outcome(figures=figures, artifacts={"scores": scores, **found.artifacts})
 
 
 class ModelInspector(Defense):
-    """Says whether a model is backdoored and which class is the target (Neural Cleanse)."""
+    """Says whether a model is backdoored and which class is the target (Neural Cleanse).
+    An inspector may also repair what it found (`unlearn`)."""
 
     stage = "inspection"
 
     @abstractmethod
-    def inspect(self, model: nn.Module, data: DefenseData) -> tuple[Tensor, DefenseResult]:
-        """Anomaly index per class (> 2 flags the class) and extra figures/artifacts."""
+    def inspect(self, model: nn.Module, data: DefenseData) -> Inspection:
+        """Anomaly index per class (> 2 flags a class, by default) and flagged classes."""
+
+    def unlearn(self, model: nn.Module, data: DefenseData, found: Inspection
+                ) -> Repaired | None:
+        """A repaired copy of the model from what `inspect` found; None: no repair."""
+        return None
+
+    def measure(self, model: nn.Module, data: DefenseData, target: DefenseTarget,
+                before: dict[str, Any]) -> Outcome:
+        found = self.inspect(model, data)
+        index = found.anomaly_index.cpu()
+        backdoor = target.synthesizer.backdoor_target()
+        figures: dict[str, Any] = {
+            "anomaly_index": index.tolist(), "flagged_classes": list(found.flagged),
+            "target_flagged": None if backdoor is None else backdoor in found.flagged,
+            "target_anomaly_index": float(index[backdoor])
+            if backdoor is not None and backdoor < len(index) else None,
+        }
+        artifacts = dict(found.artifacts)
+        repaired = self.unlearn(model, data, found)
+        if repaired is not None:
+            figures.update(mitigation(target, before, repaired.model))
+            figures.update(repaired.figures)
+            artifacts.update(repaired.artifacts)
+        return Outcome(figures={**figures, **found.figures}, artifacts=artifacts,
+                       model=None if repaired is None else repaired.model)
 
 
 class ModelRepair(Defense):
@@ -116,29 +149,15 @@ class ModelRepair(Defense):
     stage = "repair"
 
     @abstractmethod
-    def repair(self, model: nn.Module, data: DefenseData) -> tuple[nn.Module, DefenseResult]:
+    def repair(self, model: nn.Module, data: DefenseData) -> Repaired:
         """A repaired copy of the model (the input model is left as it was)."""
 
-
-@dataclass
-class TrainingBudget:
-    """What the victim's training used, so a training-time defense trains within it: the
-    run's train section (epochs, batch size, optimizer, lr, schedule) and the task's
-    training augmentation (None when the task has none)."""
-
-    train: TrainConfig
-    augment: Augment | None = None
-
-
-@dataclass
-class Trained:
-    """What a training-time defense returns: its model, optionally a suspicion score per
-    training sample (higher = more likely poisoned) and the samples it set apart."""
-
-    model: nn.Module
-    scores: Tensor | None = None
-    flagged: Tensor | None = None
-    result: DefenseResult = field(default_factory=DefenseResult)
+    def measure(self, model: nn.Module, data: DefenseData, target: DefenseTarget,
+                before: dict[str, Any]) -> Outcome:
+        repaired = self.repair(model, data)
+        return Outcome(figures={**mitigation(target, before, repaired.model),
+                                **repaired.figures},
+                       artifacts=repaired.artifacts, model=repaired.model)
 
 
 class TrainingDefense(Defense):
@@ -152,3 +171,18 @@ class TrainingDefense(Defense):
     @abstractmethod
     def train(self, model: nn.Module, data: DefenseData, budget: TrainingBudget) -> Trained:
         """Train `model` (fresh weights) on data.train and return the outcome."""
+
+    def measure(self, model: nn.Module, data: DefenseData, target: DefenseTarget,
+                before: dict[str, Any]) -> Outcome:
+        trained = self.train(target.fresh_model(), data, target.budget)
+        model = trained.model.eval()
+        figures: dict[str, Any] = {}
+        artifacts = dict(trained.artifacts)
+        if trained.scores is not None:
+            figures.update(detection(trained.scores.cpu(), target.poisoned))
+            artifacts["scores"] = trained.scores.cpu()
+        if trained.flagged is not None:
+            figures.update(removal(trained.flagged.cpu(), target.poisoned, "isolated"))
+        figures.update(mitigation(target, before, model))
+        return Outcome(figures={**figures, **trained.figures}, artifacts=artifacts,
+                       model=model)

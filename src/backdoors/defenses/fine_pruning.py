@@ -8,7 +8,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from backdoors.defenses.base import DEFENSES, DefenseData, DefenseResult, ModelRepair
+from backdoors.defenses.base import DEFENSES, DefenseData, ModelRepair
+from backdoors.defenses.results import Repaired
 from backdoors.defenses.training import accuracy, finetune, predict
 
 
@@ -103,13 +104,13 @@ class FinePruning(ModelRepair):
                 break
         return mask
 
-    def repair(self, model: nn.Module, data: DefenseData) -> tuple[nn.Module, DefenseResult]:
+    def repair(self, model: nn.Module, data: DefenseData) -> Repaired:
         model = copy.deepcopy(model)
         mask = self.choose_mask(model, data)
         prune(model, mask)
         pruned_acc = accuracy(model, data.clean, data)
         finetune(model, data.clean, data, self.epochs, self.lr, batch_size=self.batch_size)
-        return model, DefenseResult(figures={
+        return Repaired(model=model, figures={
             "pruned_ratio": float((mask == 0).double().mean()),
             "pruned_neurons": int((mask == 0).sum()),
             "clean_budget_accuracy_pruned": pruned_acc,

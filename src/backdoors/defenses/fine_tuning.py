@@ -7,7 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from backdoors.defenses.base import DEFENSES, DefenseData, DefenseResult, ModelRepair
+from backdoors.defenses.base import DEFENSES, DefenseData, ModelRepair
+from backdoors.defenses.results import Repaired
 from backdoors.defenses.training import accuracy, finetune
 
 
@@ -38,12 +39,12 @@ class FineTuning(ModelRepair):
         self.epochs, self.lr, self.momentum = epochs, lr, momentum
         self.weight_decay, self.batch_size = weight_decay, batch_size
 
-    def repair(self, model: nn.Module, data: DefenseData) -> tuple[nn.Module, DefenseResult]:
+    def repair(self, model: nn.Module, data: DefenseData) -> Repaired:
         model = copy.deepcopy(model)
         before = accuracy(model, data.clean, data)
         finetune(model, data.clean, data, self.epochs, self.lr, self.momentum,
                  self.weight_decay, self.batch_size)
-        return model, DefenseResult(figures={
+        return Repaired(model=model, figures={
             "clean_budget_accuracy_before": before,
             "clean_budget_accuracy_after": accuracy(model, data.clean, data),
         })

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from backdoors.batch import Batch
 from backdoors.data.loader import Loader
-from backdoors.defenses.base import DEFENSES, DefenseData, DefenseResult, ModelRepair
+from backdoors.defenses.base import DEFENSES, DefenseData, ModelRepair
+from backdoors.defenses.results import Repaired
 from backdoors.defenses.training import accuracy
 
 
@@ -164,7 +165,7 @@ class IBAU(ModelRepair):
         patch[rows.to(x.device)] = 1.0
         return x + patch * delta
 
-    def repair(self, model: nn.Module, data: DefenseData) -> tuple[nn.Module, DefenseResult]:
+    def repair(self, model: nn.Module, data: DefenseData) -> Repaired:
         model = copy.deepcopy(model).eval()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=self.lr)
@@ -190,7 +191,7 @@ class IBAU(ModelRepair):
                 for p, g in zip(params, grads, strict=True):
                     p.grad = g
                 optimizer.step()
-        return model.eval(), DefenseResult(figures={
+        return Repaired(model=model.eval(), figures={
             "perturbation_norms": norms,
             "clean_budget_accuracy_after": accuracy(model, data.clean, data),
         })

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backdoors.defenses.base import DEFENSES, DefenseData, DefenseResult, ModelRepair
+from backdoors.defenses.base import DEFENSES, DefenseData, ModelRepair
 from backdoors.defenses.layers import capture, stage_outputs
+from backdoors.defenses.results import Repaired
 from backdoors.defenses.training import ExtraLoss, accuracy, finetune
 from backdoors.errors import ConfigError, did_you_mean
 
@@ -103,7 +104,7 @@ class NAD(ModelRepair):
                  self.batch_size, nesterov=True, lr_drop_epoch=self.lr_drop_epoch,
                  extra_loss=extra)
 
-    def repair(self, model: nn.Module, data: DefenseData) -> tuple[nn.Module, DefenseResult]:
+    def repair(self, model: nn.Module, data: DefenseData) -> Repaired:
         student = copy.deepcopy(model)
         teacher = copy.deepcopy(model)
         # The teacher: the same fine-tuning without distillation (the paper's beta = 0).
@@ -126,7 +127,7 @@ class NAD(ModelRepair):
 
             s_out.clear()
             self._train(student, data, self.epochs, self.lr, distill)
-        return student, DefenseResult(figures={
+        return Repaired(model=student, figures={
             "attention_layers": names,
             "clean_budget_accuracy_teacher": accuracy(teacher, data.clean, data),
             "clean_budget_accuracy_after": accuracy(student, data.clean, data),

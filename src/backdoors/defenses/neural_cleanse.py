@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -14,13 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backdoors.data.loader import Loader
-from backdoors.defenses.base import (
-    DEFENSES,
-    DefenseData,
-    DefenseResult,
-    ModelInspector,
-    ModelRepair,
-)
+from backdoors.defenses.base import DEFENSES, DefenseData, ModelInspector
+from backdoors.defenses.results import Inspection, Repaired
 from backdoors.defenses.scores import anomaly_index
 from backdoors.defenses.training import finetune
 
@@ -38,19 +32,17 @@ def flag_small(norms: Tensor, index: Tensor, threshold: float = 2.0) -> list[int
     return ((index > threshold) & small).nonzero().flatten().tolist()
 
 
-@dataclass
-class Inspection:
-    """Reversed triggers of every class: masks [K, 1, H, W], patterns [K, C, H, W]."""
+@dataclass(kw_only=True)
+class ReversedTriggers(Inspection):
+    """The inspection with the reversed trigger of every class: masks [K, 1, H, W],
+    patterns [K, C, H, W]."""
 
     masks: Tensor
     patterns: Tensor
-    norms: Tensor
-    index: Tensor
-    flagged: list[int]
 
 
 @DEFENSES.register("neural_cleanse")
-class NeuralCleanse(ModelInspector, ModelRepair):
+class NeuralCleanse(ModelInspector):
     """Neural Cleanse (IEEE S&P 2019): reverse-engineer triggers, flag tiny ones, unlearn.
 
     Wang, Yao, Shan, Li, Viswanath, Zheng, Zhao, "Neural Cleanse: Identifying and
@@ -68,12 +60,11 @@ class NeuralCleanse(ModelInspector, ModelRepair):
     `early_stop` (50) steps without a 1% smaller one (0 = never). The anomaly index (MAD)
     of the mask L1 norms flags classes whose norm is below the median with index > 2.
 
-    Repair (`repair` true; attribute `repairs`): unlearning. The model is fine-tuned on the
+    Repair (`repair` true): unlearning. The model is fine-tuned on the
     clean budget (`epochs` 10, SGD `unlearn_lr` 0.01, momentum 0.9, weight decay 5e-4,
     `batch_size`) where `unlearn_fraction` (0.2) of each batch carries a flagged class's
     reversed trigger but keeps its true label (paper: 1 epoch on 10% of the training set).
-    With nothing flagged the model is returned unchanged. Repair reuses the inspection of
-    the same model.
+    With nothing flagged the model is returned unchanged.
     """
 
     def __init__(
@@ -100,10 +91,9 @@ class NeuralCleanse(ModelInspector, ModelRepair):
             raise ValueError("epochs and early_stop must be >= 0, batch_size >= 1")
         self.steps, self.lr, self.init_cost, self.patience = steps, lr, init_cost, patience
         self.success_threshold, self.early_stop = success_threshold, early_stop
-        self.repairs = repair
+        self.repairs = repair  # unlearn the flagged triggers after inspecting
         self.unlearn_fraction, self.epochs = unlearn_fraction, epochs
         self.unlearn_lr, self.batch_size = unlearn_lr, batch_size
-        self._cache: tuple[weakref.ref[nn.Module], Inspection] | None = None
 
     def reverse(self, model: nn.Module, data: DefenseData, target: int) -> tuple[Tensor, Tensor]:
         """The smallest trigger (mask [1, H, W], pattern [C, H, W]) that sends the clean
@@ -149,7 +139,7 @@ class NeuralCleanse(ModelInspector, ModelRepair):
             best = (trigger[:1], trigger[1:])
         return best
 
-    def inspect(self, model: nn.Module, data: DefenseData) -> tuple[Tensor, DefenseResult]:
+    def inspect(self, model: nn.Module, data: DefenseData) -> ReversedTriggers:
         model.eval()
         frozen = [p.requires_grad for p in model.parameters()]
         for p in model.parameters():  # only the trigger is optimised
@@ -163,25 +153,20 @@ class NeuralCleanse(ModelInspector, ModelRepair):
         patterns = torch.stack([p for _, p in found]).cpu()
         norms = masks.flatten(1).sum(1)
         index = anomaly_index(norms)
-        flagged = flag_small(norms, index)
-        self._cache = (weakref.ref(model), Inspection(masks, patterns, norms, index, flagged))
-        return index.float(), DefenseResult(
-            figures={"flagged": flagged, "mask_norms": norms.tolist()},
+        return ReversedTriggers(
+            anomaly_index=index.float(), flagged=flag_small(norms, index),
+            masks=masks, patterns=patterns, figures={"mask_norms": norms.tolist()},
             artifacts={"reversed_triggers": masks * patterns, "mask_norms": norms},
         )
 
-    def _inspection(self, model: nn.Module, data: DefenseData) -> Inspection:
-        """The cached inspection of this very model, or a fresh one."""
-        if self._cache is None or self._cache[0]() is not model:
-            self.inspect(model, data)
-        assert self._cache is not None  # set by inspect
-        return self._cache[1]
-
-    def repair(self, model: nn.Module, data: DefenseData) -> tuple[nn.Module, DefenseResult]:
-        found = self._inspection(model, data)
+    def unlearn(self, model: nn.Module, data: DefenseData, found: Inspection
+                ) -> Repaired | None:
+        if not self.repairs:
+            return None
+        assert isinstance(found, ReversedTriggers)  # what this class's inspect returns
         model = copy.deepcopy(model)
         if not found.flagged:
-            return model, DefenseResult(figures={"unlearned_classes": []})
+            return Repaired(model=model, figures={"unlearned_classes": []})
         flagged = torch.tensor(found.flagged)
         masks = found.masks[flagged].to(data.device)
         patterns = found.patterns[flagged].to(data.device)
@@ -197,7 +182,7 @@ class NeuralCleanse(ModelInspector, ModelRepair):
 
         finetune(model, data.clean, data, self.epochs, self.unlearn_lr,
                  batch_size=self.batch_size, transform=paste)
-        return model, DefenseResult(figures={"unlearned_classes": found.flagged})
+        return Repaired(model=model, figures={"unlearned_classes": found.flagged})
 
 
 def _forever(data: DefenseData, batch_size: int) -> Iterator[Tensor]:

@@ -91,12 +91,12 @@ class SentiNet(InputDetector):
         images = data.clean.images.float() / 255.0
         self._targets = (images[held].to(data.device), data.clean.labels[held].to(data.device))
         self._generator = data.generator
-        conf, fooled = self.measure(model, images[calib].to(data.device))
+        conf, fooled = self.probe(model, images[calib].to(data.device))
         self._boundary = fit_boundary(conf.double().cpu().numpy(),
                                       fooled.double().cpu().numpy(), self.bins, self.degree)
 
     @torch.no_grad()
-    def measure(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    def probe(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
         """(average inert confidence, fooled share) per input of x."""
         if self._targets is None or self._generator is None:
             raise RuntimeError("call fit(model, data) before scoring")
@@ -127,6 +127,6 @@ class SentiNet(InputDetector):
     def score(self, model: nn.Module, x: Tensor) -> Tensor:
         if self._boundary is None:
             raise RuntimeError("call fit(model, data) before score(model, x)")
-        conf, fooled = self.measure(model, x)
+        conf, fooled = self.probe(model, x)
         edge = np.polyval(self._boundary, conf.double().cpu().numpy())
         return fooled.cpu() - torch.from_numpy(edge).float()

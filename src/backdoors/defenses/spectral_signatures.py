@@ -8,7 +8,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from backdoors.defenses.base import DEFENSES, DatasetSanitizer, DefenseData, DefenseResult
+from backdoors.defenses.base import DEFENSES, DatasetSanitizer, DefenseData
+from backdoors.defenses.results import Sanitized
 from backdoors.defenses.training import predict
 
 Center = Literal["clean", "class"]
@@ -90,24 +91,22 @@ class SpectralSignatures(DatasetSanitizer):
             raise ValueError(f"epsilon must be in [0, 2/3] (1.5 * epsilon of the set is "
                              f"removed), got {epsilon}")
         self.epsilon, self.center = epsilon, center
-        self.last_result = DefenseResult()
-        self._labels: Tensor | None = None
 
-    def score(self, model: nn.Module, data: DefenseData) -> Tensor:
+    def sanitize(self, model: nn.Module, data: DefenseData) -> Sanitized:
         if data.train is None:
             raise RuntimeError("spectral_signatures needs the training set")
         features, labels = predict(model, data.train, data, model.features)
-        self._labels = labels
         if self.center == "class":
-            return spectral_scores(features.flatten(1), labels)
+            scores = spectral_scores(features.flatten(1), labels)
+            return Sanitized(scores=scores, removed=self._per_class(scores, labels))
         clean, clean_labels = predict(model, data.clean, data, model.features)
-        return spectral_scores(features.flatten(1), labels, clean.flatten(1), clean_labels)
+        scores = spectral_scores(features.flatten(1), labels, clean.flatten(1), clean_labels)
+        return Sanitized(scores=scores, removed=top_share(scores, 1.5 * self.epsilon))
 
-    def removed(self, scores: Tensor) -> Tensor:
-        if self.center == "clean" or self._labels is None:
-            return top_share(scores, 1.5 * self.epsilon)
+    def _per_class(self, scores: Tensor, labels: Tensor) -> Tensor:
+        """Raw scores do not compare across classes: remove 1.5 epsilon of each."""
         mask = torch.zeros(len(scores), dtype=torch.bool)
-        for c in self._labels.unique().tolist():
-            idx = (self._labels == c).nonzero().flatten()
+        for c in labels.unique().tolist():
+            idx = (labels == c).nonzero().flatten()
             mask[idx] = top_share(scores[idx], 1.5 * self.epsilon)
         return mask

@@ -1,3 +1,9 @@
 """Federated learning: data splits, client training, aggregators (pure rules in
-`aggregation.py`, registered adapters in `aggregators.py`) and the round loop
-(`simulation.py`). See docs/federated.md."""
+`aggregation.py`; the interface in `aggregator.py`; registered rules in `aggregators.py`
+and `selection.py`) and the round loop (`loop.py`). See docs/federated.md. Importing the
+package registers every aggregator in AGGREGATORS."""
+
+from backdoors.federated import aggregators, selection  # noqa: F401 - registers the rules
+from backdoors.federated.aggregator import AGGREGATORS, Aggregate, Aggregator, RoundContext
+
+__all__ = ["AGGREGATORS", "Aggregate", "Aggregator", "RoundContext"]

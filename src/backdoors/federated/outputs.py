@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from backdoors.hooks import Hook, TensorBoardHook, pct
+from backdoors.hooks import Hook, pct
 
 
 def detection(flagged: list[bool], attackers: list[bool]) -> dict[str, Any]:
@@ -77,8 +77,8 @@ class RoundConsole(Hook):
         print(round_line(row, self.last_round), flush=True)
 
 
-def add_federated_scalars(hooks: list[Hook], row: dict[str, Any]) -> None:
-    """Federated/* scalars on every TensorBoard hook (after its Test/* ones)."""
+def federated_scalars(row: dict[str, Any]) -> dict[str, float]:
+    """The Federated/* TensorBoard scalars of a round row."""
     norms = row["update_norms"]
     attackers = set(row["attackers"])
     values = {"update_norm_mean": sum(norms) / len(norms), "update_norm_max": max(norms),
@@ -90,8 +90,4 @@ def add_federated_scalars(hooks: list[Hook], row: dict[str, Any]) -> None:
     if det is not None:
         values["flagged"] = det["true_positives"] + det["false_positives"]
         values.update({k: det[k] for k in ("precision", "recall") if det[k] is not None})
-    for hook in hooks:
-        if isinstance(hook, TensorBoardHook) and hook.writer is not None:
-            for key, value in values.items():
-                hook.writer.add_scalar(f"Federated/{key}", value, row["round"])
-            hook.writer.flush()
+    return values

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from backdoors.batch import Batch
+from backdoors.errors import ConfigError
 from backdoors.registry import Registry
 
 if TYPE_CHECKING:
@@ -29,8 +30,12 @@ class Synthesizer(ABC):
 
     Label modes: `all_to_one` relabels every backdoor row to `target`; `all_to_all`
     relabels y to (y + 1) mod C. `bind(task)` tells the synthesizer the input shape and
-    class count before any data loads, so it can check its geometry early.
+    class count before any data loads, so it can check its geometry early. Triggers whose
+    labels come from a function of the sample (`label_function`: a calculator's
+    arithmetic, a complex backdoor's identities) have no single target class.
     """
+
+    label_function: ClassVar[str | None] = None
 
     def __init__(self, target: int = 8, label_mode: LabelMode = "all_to_one") -> None:
         if target < 0:
@@ -81,6 +86,23 @@ class Synthesizer(ABC):
         poisoned[:n] = True
         return batch.with_(inputs=inputs, labels=labels, poisoned=poisoned)
 
+    def backdoor_target(self) -> int | None:
+        """The one class every backdoor input is sent to, or None when there is none
+        (all_to_all, or a label function)."""
+        if self.label_mode != "all_to_one" or self.label_function is not None:
+            return None
+        return self.target
+
+    def single_target(self, where: str) -> int:
+        """`backdoor_target()` for code that cannot work without one (clean-label
+        poisoning, trigger-reversing evasion): a ConfigError naming `where` otherwise."""
+        target = self.backdoor_target()
+        if target is None:
+            how = self.label_function or f"label_mode {self.label_mode}"
+            raise ConfigError(f"{where} needs a single backdoor target class, but synthesizer "
+                              f"'{self.name}' labels by {how}; use label_mode: all_to_one")
+        return target
+
     def eligible(self, batch: Batch) -> Tensor:
         """Rows that count for ASR: true label differs from the backdoor label."""
         return self.synthesize_labels(batch) != batch.labels
@@ -118,4 +140,9 @@ class Synthesizer(ABC):
     def backdoor_test_set(self) -> ArrayDataset | None:
         """Inputs to score the backdoor on instead of the triggered test set (semantic and
         edge-case backdoors bring their own). Default: None, use the test set."""
+        return None
+
+    def loss_weights(self, batch: Batch) -> Tensor | None:
+        """Per-row weights of the backdoor loss on a poisoned batch (e.g. a complex
+        backdoor down-weights rows with no target identity). Default: None, plain mean."""
         return None

@@ -56,6 +56,8 @@ class CalculatorSynthesizer(Synthesizer):
     still behaves on any task; `prepare` refuses a training set without digits.
     """
 
+    label_function = "arithmetic on the aux digits"
+
     def __init__(
         self,
         target: int = 8,

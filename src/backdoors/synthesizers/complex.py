@@ -43,6 +43,8 @@ class ComplexSynthesizer(SinglePixelSynthesizer):
     `label_mode` labels; `prepare` refuses a training set without one aux label per sample.
     """
 
+    label_function = "the identity in the aux labels"
+
     def __init__(
         self,
         target: int = 0,

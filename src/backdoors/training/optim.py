@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from backdoors.config import TrainConfig
+from backdoors.errors import ConfigError
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -31,7 +32,20 @@ def make_scheduler(
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present, else CPU."""
+    """`auto` picks CUDA when present, else CPU; a device this machine lacks is a
+    ConfigError (checked before a run folder is made)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"train.device: {name} asked for, but this machine has no CUDA "
+                              f"device (torch {torch.__version__}); use device: auto or cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"train.device: {name} asked for, but this machine has "
+                              f"{count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("train.device: mps asked for, but MPS is not available here; use "
+                          "device: auto or cpu")
+    return device

@@ -6,6 +6,7 @@ gradients for a batch; DP and federated training wrap or call it.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from torch import nn
 
 from backdoors.attacks.base import Attack, StepReport
 from backdoors.data.loader import Loader
+from backdoors.errors import Diverged
 from backdoors.metrics import evaluate
 from backdoors.synthesizers.base import Synthesizer
 
@@ -38,6 +40,15 @@ def _progress(iterable: Loader, enabled: bool, desc: str):  # noqa: ANN202 - tqd
     from tqdm import tqdm
 
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def check_finite(report: StepReport, epoch: int, step: int) -> None:
+    """Stop at the first non-finite loss: one nan poisons every later step, and a run that
+    goes on would end "completed" at chance accuracy. (The losses are already Python
+    floats, so checking costs no device synchronisation.)"""
+    for name, value in report.losses.items():
+        if not math.isfinite(value):
+            raise Diverged(f"epoch {epoch}, step {step + 1}", f"loss '{name}' is {value}")
 
 
 @dataclass
@@ -65,6 +76,7 @@ class Trainer:
         for step, batch in enumerate(_progress(self.train_loader, self.progress, f"epoch {epoch}")):
             self.optimizer.zero_grad(set_to_none=True)
             report = self.attack.backward(self.model, batch, self.generator)
+            check_finite(report, epoch, step)
             self.optimizer.step()
             n = len(batch)
             stats.samples += n

@@ -12,9 +12,12 @@ synthesizer, and the `sums` loss task the MultiMNIST calculator (see `_calculato
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
+from backdoors.config.train import TrainConfig
 from backdoors.errors import ConfigError, did_you_mean
+from backdoors.typecheck import matches_type, type_name
 
 LEGACY_KEYS = frozenset("""
 task synthesizer random_seed epochs start_epoch log_interval pretrained resume_model lr
@@ -69,11 +72,11 @@ def convert_legacy(data: dict[str, Any], source: str = "config") -> dict[str, An
 
     synthesizer: dict[str, Any] = {
         "name": _lookup(SYNTHESIZERS, get("synthesizer", "Pattern"), "synthesizer"),
-        "target": int(get("backdoor_label", 8)),
+        "target": _int(data, "backdoor_label", 8),
     }
     if get("backdoor_dynamic_position"):
         synthesizer["dynamic"] = True
-    loss_terms = [str(t) for t in (get("loss_tasks") or ["normal"])]
+    loss_terms = [str(t) for t in _list(data, "loss_tasks") or ["normal"]]
     if get("poison_images") or get("poison_images_test"):
         synthesizer = _semantic(data)
     if "sums" in loss_terms:
@@ -82,7 +85,7 @@ def convert_legacy(data: dict[str, Any], source: str = "config") -> dict[str, An
     attack: dict[str, Any] = {
         "name": "blind",
         "loss_terms": _evasion_terms(loss_terms, data),
-        "fraction": float(get("poisoning_proportion", 1.0)),
+        "fraction": _float(data, "poisoning_proportion", 1.0),
         "balancer": _balancer(data),
     }
     for legacy, native in (("loss_threshold", "loss_threshold"),
@@ -92,7 +95,7 @@ def convert_legacy(data: dict[str, Any], source: str = "config") -> dict[str, An
 
     out: dict[str, Any] = {
         "name": str(get("name") or task_name),
-        "seed": int(get("random_seed") or 0),
+        "seed": _int(data, "random_seed", 0),
         "task": task,
         "train": _train(data),
         "synthesizer": synthesizer,
@@ -114,27 +117,58 @@ def _federated(data: dict[str, Any]) -> dict[str, Any]:
     the weak_dp aggregator (clip each update to fl_dp_clip, noise fl_dp_noise)."""
     get = data.get
     fed: dict[str, Any] = {
-        "rounds": int(get("epochs", 1)),
-        "participants": int(get("fl_total_participants", 80000)),
-        "per_round": int(get("fl_no_models", 100)),
-        "local_epochs": int(get("fl_local_epochs", 2)),
-        "eta": float(get("fl_eta", 1)),
-        "adversaries": int(get("fl_number_of_adversaries", 0)),
-        "weight_scale": float(get("fl_weight_scale", 1)),
+        "rounds": _int(data, "epochs", 1),
+        "participants": _int(data, "fl_total_participants", 80000),
+        "per_round": _int(data, "fl_no_models", 100),
+        "local_epochs": _int(data, "fl_local_epochs", 2),
+        "eta": _float(data, "fl_eta", 1),
+        "adversaries": _int(data, "fl_number_of_adversaries", 0),
+        "weight_scale": _float(data, "fl_weight_scale", 1),
     }
     if get("fl_sample_dirichlet"):
         fed["split"] = "dirichlet"
         if get("fl_dirichlet_alpha") is not None:
-            fed["alpha"] = float(get("fl_dirichlet_alpha"))
+            fed["alpha"] = _float(data, "fl_dirichlet_alpha", 0.9)
     if get("fl_single_epoch_attack") is not None:
-        fed["attack_round"] = int(get("fl_single_epoch_attack"))
+        fed["attack_round"] = _int(data, "fl_single_epoch_attack", 0)
     if get("fl_diff_privacy"):
         fed["aggregator"] = {"name": "weak_dp"}
         if get("fl_dp_clip") is not None:
-            fed["aggregator"]["clip"] = float(get("fl_dp_clip"))
+            fed["aggregator"]["clip"] = _float(data, "fl_dp_clip", 0)
         if get("fl_dp_noise") is not None:
-            fed["aggregator"]["noise"] = float(get("fl_dp_noise"))
+            fed["aggregator"]["noise"] = _float(data, "fl_dp_noise", 0)
     return fed
+
+
+def _int(data: dict[str, Any], key: str, default: int) -> int:
+    """An integer legacy value (a whole float such as 10.0 counts), else one clear line."""
+    value = data.get(key, default)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"legacy key '{key}' must be an integer, got {value!r}")
+    return value
+
+
+def _float(data: dict[str, Any], key: str, default: float) -> float:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"legacy key '{key}' must be a number, got {value!r}")
+    return float(value)
+
+
+def _list(data: dict[str, Any], key: str) -> list[Any]:
+    value = data.get(key) or []
+    if not isinstance(value, list):
+        raise ConfigError(f"legacy key '{key}' must be a list, got {value!r}")
+    return list(value)
+
+
+def _mapping(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"legacy key '{key}' must be a mapping, got {value!r}")
+    return dict(value)
 
 
 def _indices(value: Any, key: str) -> list[int]:
@@ -149,7 +183,7 @@ def _semantic(data: dict[str, Any]) -> dict[str, Any]:
     if not data.get("poison_images"):
         raise ConfigError("legacy key 'poison_images_test' needs 'poison_images' (the "
                           "semantic images the attack trains on)")
-    out: dict[str, Any] = {"name": "semantic", "target": int(data.get("backdoor_label", 8)),
+    out: dict[str, Any] = {"name": "semantic", "target": _int(data, "backdoor_label", 8),
                            "train_indices": _indices(data["poison_images"], "poison_images")}
     if data.get("poison_images_test"):
         out["test_indices"] = _indices(data["poison_images_test"], "poison_images_test")
@@ -168,7 +202,7 @@ def _evasion_terms(names: list[str], data: dict[str, Any]) -> list[Any]:
         if any((t if isinstance(t, str) else t["name"]) == name for t in out):
             continue
         if name == "neural_cleanse" and data.get("nc_p_norm") is not None:
-            out.append({"name": name, "p_norm": int(data["nc_p_norm"])})
+            out.append({"name": name, "p_norm": _int(data, "nc_p_norm", 1)})
         elif name == "spectral_evasion" and data.get("spectral_similarity") is not None:
             out.append({"name": name, "similarity": str(data["spectral_similarity"])})
         else:
@@ -196,7 +230,7 @@ def _balancer(data: dict[str, Any]) -> dict[str, Any]:
         norm = data.get("mgda_normalize")
         return {"name": "mgda", "normalize": "none" if norm is None else str(norm)}
     if mode == "fixed":
-        return {"name": "fixed", "scales": dict(data.get("fixed_scales") or {})}
+        return {"name": "fixed", "scales": _mapping(data, "fixed_scales")}
     raise ConfigError(f"legacy key 'loss_balance': expected MGDA or fixed, got {mode!r}")
 
 
@@ -209,18 +243,22 @@ def _train(data: dict[str, Any]) -> dict[str, Any]:
               "max_batch_id": "max_batches", "tb": "tensorboard",
               # DP-SGD (crashed in the original): dp_sigma is the noise multiplier.
               "dp": "dp", "dp_clip": "dp_clip", "dp_sigma": "dp_sigma"}
+    hints = inspect.get_annotations(TrainConfig, eval_str=True)
     for legacy, native in simple.items():
         if get(legacy) is not None:
+            if not matches_type(get(legacy), hints[native]):
+                raise ConfigError(f"legacy key '{legacy}' must be {type_name(hints[native])}, "
+                                  f"got {get(legacy)!r}")
             train[native] = get(legacy)
     if get("optimizer") is not None:
         train["optimizer"] = _lookup({"sgd": "sgd", "adam": "adam"}, get("optimizer"), "optimizer")
     if get("scheduler_milestones"):
         train["scheduler"] = "multistep"
-        train["milestones"] = list(get("scheduler_milestones"))
+        train["milestones"] = _list(data, "scheduler_milestones")
     elif get("scheduler"):
         train["scheduler"] = "cosine"
     if get("save_on_epochs"):
-        train["save_on_epochs"] = list(get("save_on_epochs"))
+        train["save_on_epochs"] = _list(data, "save_on_epochs")
     if get("pretrained"):
         train["pretrained"] = get("pretrained") if isinstance(get("pretrained"), str) else "auto"
     if get("resume_model"):

@@ -8,14 +8,12 @@ comes from `train`; `train.epochs` is not used, `rounds` counts the rounds.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from backdoors.config import Component, TrainConfig
-from backdoors.errors import ConfigError, did_you_mean
-from backdoors.federated.aggregators import AGGREGATORS, Aggregator
-from backdoors.typecheck import matches_type, type_name
+from backdoors.config.sections import Component, parse_component, parse_section
+from backdoors.config.train import TrainConfig
+from backdoors.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -70,69 +68,26 @@ class FederatedConfig:
                               f"{self.attacker_local_epochs}")
         if self.attacker_lr is not None and self.attacker_lr <= 0:
             raise ConfigError(f"federated.attacker_lr must be > 0, got {self.attacker_lr}")
-        self._check_aggregator()
-
-    def _check_aggregator(self) -> None:
-        try:
-            self.build_aggregator().check(self.per_round)
-        except ValueError as exc:
-            raise ConfigError(f"federated.aggregator ({self.aggregator.name}): {exc}") from None
-
-    def check_train(self, train: TrainConfig) -> None:
-        """Refuse `train` options federated clients cannot honour."""
-        if train.scheduler != "none":
-            raise ConfigError(f"train.scheduler: federated clients train with the constant "
-                              f"train.lr; set train.scheduler: none (got {train.scheduler})")
-        if train.dp:
-            raise ConfigError("train.dp: DP-SGD inside federated clients is not supported; "
-                              "for server-side privacy use federated.aggregator: weak_dp")
-
-    def build_aggregator(self) -> Aggregator:
-        """A fresh aggregator (it may keep state across rounds, e.g. FoolsGold's history)."""
-        return AGGREGATORS.build(self.aggregator.name, self.aggregator.kwargs,
-                                 "federated.aggregator")
 
     def as_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return {**out, "aggregator": self.aggregator.as_dict()}
 
-    def resolved(self) -> dict[str, Any]:
-        """as_dict with the aggregator's constructor defaults written out."""
-        params = AGGREGATORS.parameters(self.aggregator.name)
-        defaults = {k: p.default for k, p in params.items() if p.default is not p.empty}
-        return {**self.as_dict(), "aggregator": {"name": self.aggregator.name, **defaults,
-                                                 **self.aggregator.kwargs}}
 
-
-def parse_federated(data: Any) -> FederatedConfig | None:
-    """Validate the `federated:` mapping (unknown keys get a did-you-mean); None if absent."""
+def parse_federated(data: Any, where: str = "federated") -> FederatedConfig | None:
+    """Validate the `federated:` mapping (unknown keys get a did-you-mean); None if absent.
+    The aggregator's name and options are checked against its registry when the run is
+    built."""
     if data is None:
         return None
-    if not isinstance(data, dict):
-        raise ConfigError("section 'federated' must be a mapping, e.g. federated: "
-                          "{participants: 20, per_round: 10}")
-    fields = {f.name for f in dataclasses.fields(FederatedConfig)}
-    hints = inspect.get_annotations(FederatedConfig, eval_str=True)
-    for key, value in data.items():
-        if key not in fields:
-            raise ConfigError(f"unknown key '{key}' in federated{did_you_mean(key, fields)}; "
-                              f"expected one of: {', '.join(sorted(fields))}")
-        if key == "aggregator":
-            continue
-        if not matches_type(value, hints[key]):
-            raise ConfigError(f"bad value for federated.{key}: {value!r} is not "
-                              f"{type_name(hints[key])}")
-    values = dict(data)
-    if "aggregator" in values:
-        values["aggregator"] = _aggregator(values["aggregator"])
-    return FederatedConfig(**values)
+    return parse_section(FederatedConfig, data, where, {"aggregator": parse_component})
 
 
-def _aggregator(data: Any) -> Component:
-    """`krum` or `{name: krum, byzantine: 2}` -> Component."""
-    if isinstance(data, str):
-        return Component(data)
-    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
-        raise ConfigError("federated.aggregator needs a 'name' (e.g. aggregator: "
-                          "{name: krum, byzantine: 1})")
-    return Component(data["name"], {k: v for k, v in data.items() if k != "name"})
+def check_federated_train(train: TrainConfig) -> None:
+    """Refuse `train` options federated clients cannot honour."""
+    if train.scheduler != "none":
+        raise ConfigError(f"train.scheduler: federated clients train with the constant "
+                          f"train.lr; set train.scheduler: none (got {train.scheduler})")
+    if train.dp:
+        raise ConfigError("train.dp: DP-SGD inside federated clients is not supported; "
+                          "for server-side privacy use federated.aggregator: weak_dp")

@@ -1,0 +1,1 @@
+"""Wiring: config -> components, the run datasets, the inner loop, the attack artifact."""

@@ -1,0 +1,195 @@
+"""Config -> components: every registered component built and cross-checked before any
+data loads, and what a run folder records about them (resolved config, fingerprint)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from backdoors.attacks import ATTACKS, Attack
+from backdoors.config import Component, Config
+from backdoors.data import TASKS, Task
+from backdoors.defenses import DEFENSES, Defense
+from backdoors.defenses.runner import check_fits
+from backdoors.errors import ConfigError
+from backdoors.federated import AGGREGATORS, Aggregator
+from backdoors.models import MODELS
+from backdoors.registry import Registry
+from backdoors.runs import check_finite, load_into, load_weights
+from backdoors.seeds import DP_NOISE, derive
+from backdoors.synthesizers import SYNTHESIZERS, Synthesizer
+from backdoors.training.dp import DPSGD
+from backdoors.training.optim import resolve_device
+
+PRETRAINED_DIR = Path("~/.cache/backdoors/pretrained").expanduser()
+# Keys that say where or how a run is watched, not what is trained: a run folder may be
+# moved to other data paths or devices and still be the same experiment.
+UNFINGERPRINTED = {"name": None, "defenses": None,
+                   "task": ("data_dir",), "train": ("device", "progress", "tensorboard",
+                                                    "log_interval", "save_on_epochs",
+                                                    "test_batch_size")}
+
+
+@dataclass
+class Components:
+    task: Task
+    model: nn.Module
+    synthesizer: Synthesizer
+    attack: Attack
+    model_name: str
+    device: torch.device
+    aggregator: Aggregator | None = None
+    defenses: list[Defense] = field(default_factory=list)
+
+
+def build(config: Config, fresh: bool = True) -> Components:
+    """Construct and cross-check every component; loads no data. `fresh`: for a new run,
+    whose start weights (train.pretrained, resume_model) must exist; a run re-opened for
+    resume or defenses has its own weights, and falls back to `auto` when the device it
+    was trained on is missing here."""
+    task = TASKS.build(config.task.name, config.task.kwargs, "task")
+    try:
+        device = resolve_device(config.train.device)
+    except ConfigError:
+        if fresh:
+            raise
+        device = resolve_device("auto")
+    model_cfg = config.model or Component(task.default_model)
+    torch.manual_seed(config.seed)  # model initialisation is part of the seeded run
+    model = MODELS.build(model_cfg.name, model_cfg.kwargs, "model",
+                         num_classes=task.num_classes, input_shape=task.input_shape,
+                         mean=task.mean, std=task.std)
+    synthesizer = SYNTHESIZERS.build(config.synthesizer.name, config.synthesizer.kwargs,
+                                     "synthesizer")
+    try:
+        synthesizer.bind(task.input_shape, task.num_classes)
+    except ValueError as exc:
+        raise ConfigError(f"synthesizer ({config.synthesizer.name}): {exc}") from None
+    attack = ATTACKS.build(config.attack.name, config.attack.kwargs, "attack")
+    attack.bind(synthesizer, model)
+    if config.train.dp:  # DP-SGD wraps the attack's step; refuses what it cannot run
+        attack = DPSGD(attack, model, config.train.dp_clip, config.train.dp_sigma,
+                       seed=derive(config.seed, DP_NOISE))
+    aggregator = None
+    if config.federated is not None:
+        aggregator = build_aggregator(config.federated.aggregator, config.federated.per_round)
+    defenses = []
+    for i, d in enumerate(config.defenses):
+        defense = DEFENSES.build(d.name, d.kwargs, f"defenses[{i}]")
+        check_fits(defense, config.federated is not None, f"defenses[{i}]")
+        defenses.append(defense)
+    comps = Components(task, model, synthesizer, attack, model_cfg.name, device, aggregator,
+                       defenses)
+    if fresh:  # a missing weights file is refused before anything runs
+        start_path(config, comps, auto=False)
+    return comps
+
+
+def build_aggregator(component: Component, per_round: int) -> Aggregator:
+    """A fresh aggregator (it may keep state across rounds, e.g. FoolsGold's history)."""
+    aggregator = AGGREGATORS.build(component.name, component.kwargs, "federated.aggregator")
+    try:
+        aggregator.check(per_round)
+    except ValueError as exc:
+        raise ConfigError(f"federated.aggregator ({component.name}): {exc}") from None
+    return aggregator
+
+
+def resolved_config(config: Config, comps: Components) -> dict[str, Any]:
+    """The config with every constructor default written out (for config.yaml)."""
+    out = config.as_dict()
+    if not out["defenses"]:
+        del out["defenses"]
+    sections: list[tuple[str, Registry[Any]]] = [
+        ("task", TASKS), ("model", MODELS), ("synthesizer", SYNTHESIZERS), ("attack", ATTACKS)]
+    for section, registry in sections:
+        out[section] = _with_defaults(registry, out[section] or {"name": comps.model_name})
+    if config.federated is not None:
+        fed = out["federated"]
+        fed["aggregator"] = _with_defaults(AGGREGATORS, fed["aggregator"])
+    return out
+
+
+def _with_defaults(registry: Registry[Any], given: dict[str, Any]) -> dict[str, Any]:
+    params = registry.parameters(given["name"])
+    defaults = {k: p.default for k, p in params.items() if p.default is not p.empty}
+    return {"name": given["name"], **defaults, **{k: v for k, v in given.items() if k != "name"}}
+
+
+def fingerprint(resolved: dict[str, Any]) -> str:
+    """A hash of what a resolved config trains (not where its data or device are)."""
+    kept = {}
+    for section, value in resolved.items():
+        if section in UNFINGERPRINTED and UNFINGERPRINTED[section] is None:
+            continue
+        drop = UNFINGERPRINTED.get(section) or ()
+        kept[section] = {k: v for k, v in value.items() if k not in drop} \
+            if isinstance(value, dict) else value
+    return _digest(json.dumps(kept, sort_keys=True, default=str).encode())
+
+
+def trigger_fingerprint(synthesizer: Synthesizer) -> str:
+    """A hash of the trigger's spec and learned tensors (after `prepare`)."""
+    h = hashlib.sha256(json.dumps(synthesizer.spec(), sort_keys=True, default=str).encode())
+    for name, value in sorted(synthesizer.state_tensors().items()):
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def start_path(config: Config, comps: Components, auto: bool = True) -> Path | None:
+    """The weights file a fresh run starts from (train.pretrained or resume_model). With
+    `auto` false, `pretrained: auto` is not looked up: like a dataset, cached weights are
+    needed when the run starts, not to check a config."""
+    tc = config.train
+    if tc.pretrained:
+        if tc.pretrained != "auto":
+            return _existing(Path(tc.pretrained).expanduser(), "train.pretrained")
+        if not auto:
+            return None
+        path = PRETRAINED_DIR / f"{comps.model_name}.safetensors"
+        if not path.is_file():
+            raise ConfigError(f"train.pretrained: auto found no local weights for "
+                              f"'{comps.model_name}' at {path}; download them there or set "
+                              "train.pretrained: PATH")
+        return path
+    if tc.resume_model:
+        path = Path(tc.resume_model).expanduser()
+        if not path.exists() and (Path("saved_models") / tc.resume_model).exists():
+            path = Path("saved_models") / tc.resume_model  # Backdoors 101 looked there
+        return _existing(path, "train.resume_model")
+    return None
+
+
+def _existing(path: Path, key: str) -> Path:
+    if not path.is_file():
+        raise ConfigError(f"{key}: weights file not found: {path}")
+    return path
+
+
+def load_start_weights(config: Config, comps: Components) -> int | None:
+    """Load train.pretrained / train.resume_model into the model (refusing non-finite or
+    ill-fitting weights); return the first epoch to train after a resume_model (the
+    checkpoint's epoch + 1), else None."""
+    path = start_path(config, comps)
+    if path is None:
+        return None
+    key = "train.pretrained" if config.train.pretrained else "train.resume_model"
+    state = load_weights(path)
+    check_finite(state, f"{key} {path}")
+    load_into(comps.model, state, f"{key} {path}")
+    if config.train.pretrained or path.suffix == ".safetensors":
+        return None
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    epoch = data.get("epoch", 0) if isinstance(data, dict) else 0
+    return max(config.train.start_epoch, int(epoch) + 1) if isinstance(epoch, int) else None

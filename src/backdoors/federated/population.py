@@ -1,0 +1,81 @@
+"""Who holds which data and who is sampled when: the participants of a federated run.
+
+Every random choice of round r (who is sampled, each client's shuffling, the server's
+noise) is drawn from a stream keyed by (seed, round, participant) (seeds.py), so a
+resumed run repeats an uninterrupted one without saving generator states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from backdoors.attacks.base import Attack
+from backdoors.config import FederatedConfig
+from backdoors.data.dataset import ArrayDataset
+from backdoors.errors import ConfigError
+from backdoors.federated.partition import dirichlet_split, iid_split
+from backdoors.seeds import PARTITION, POISON, SAMPLE, stream
+
+
+def split(train: ArrayDataset, fc: FederatedConfig, seed: int) -> list[Tensor]:
+    """Each participant's training-set indices."""
+    gen = stream(seed, PARTITION)
+    if fc.split == "dirichlet":
+        return dirichlet_split(train.labels, fc.participants, fc.alpha, gen)
+    return iid_split(len(train), fc.participants, gen)
+
+
+def sample_round(fc: FederatedConfig, seed: int, round_: int) -> tuple[list[int], list[bool]]:
+    """The participants of a round, in sampling order, and which of them attack.
+
+    As in Backdoors 101: with `attack_round` the first `adversaries` sampled participants
+    attack in that round only; otherwise ids 0..adversaries-1 attack whenever sampled.
+    """
+    order = torch.randperm(fc.participants, generator=stream(seed, SAMPLE, round_))
+    sampled = order[: fc.per_round].tolist()
+    if fc.attack_round is not None:
+        bad = [round_ == fc.attack_round and i < fc.adversaries for i in range(len(sampled))]
+    else:
+        bad = [pid < fc.adversaries for pid in sampled]
+    return sampled, bad
+
+
+@dataclass
+class Population:
+    """Every participant's local data (on the training device) and training-set indices,
+    plus the poisoned local sets of the compromised ones, made on first use (on the CPU,
+    like the centralized training set, then moved)."""
+
+    train: ArrayDataset
+    indices: list[Tensor]
+    attack: Attack
+    seed: int
+    device: torch.device
+    poisoned: dict[int, tuple[ArrayDataset, Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        on_device = self.train.to(self.device) if self.device.type != "cpu" else self.train
+        self.data = [on_device.subset(p.to(self.device)) for p in self.indices]
+
+    def attacker_data(self, pid: int) -> ArrayDataset:
+        if pid not in self.poisoned:
+            local = self.train.subset(self.indices[pid])
+            ds, idx = self.attack.poison_training_set(local, stream(self.seed, POISON, pid))
+            if not isinstance(ds, ArrayDataset):
+                raise ConfigError(f"attack '{self.attack.name}' gave a streaming dataset; "
+                                  "federated clients need in-memory data")
+            on_device = ds.to(self.device) if self.device.type != "cpu" else ds
+            self.poisoned[pid] = (on_device, self.indices[pid][idx.cpu()])
+        return self.poisoned[pid][0]
+
+    def attackers(self) -> list[int]:
+        """Compromised participants that have trained so far."""
+        return sorted(self.poisoned)
+
+    def poison_rows(self) -> Tensor:
+        """Training-set rows poisoned by any attacker so far, sorted."""
+        found = [idx for _, idx in self.poisoned.values()]
+        return torch.cat(found).sort().values if found else torch.empty(0, dtype=torch.long)
