@@ -21,8 +21,9 @@ import pytest
 import torch
 from PIL import Image
 
-from backdoors.data import TASKS, cifar, mnist
+from backdoors.data import TASKS, cifar, cifar_folder, mnist
 from backdoors.data.cifar import CLASS_NAMES, extract_shared_cifar
+from backdoors.data.cifar_batches import PICKLE_FILES
 from backdoors.data.download import download_file, safe_extract_tar
 from backdoors.data.image_folder import resize_center_crop
 from backdoors.data.mnist import read_idx, write_idx, write_mnist_split
@@ -203,7 +204,7 @@ def _fake_cifar(n: int = 20) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Six batches (data_batch_1..5, test_batch) of n random images [n, 3, 32, 32]."""
     rng = _rng(1)
     return [(name, rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8),
-             rng.integers(0, 10, n).astype(np.int64)) for name in cifar.PICKLE_FILES]
+             rng.integers(0, 10, n).astype(np.int64)) for name in PICKLE_FILES]
 
 
 def _write_cifar_pickles(folder: Path, batches, py2: bool = True) -> None:
@@ -293,7 +294,7 @@ def test_cifar_image_folder_and_cache(tmp_path: Path, monkeypatch) -> None:
     def no_decoding(paths):
         raise AssertionError("the second load should come from the cache")
 
-    monkeypatch.setattr(cifar, "_decode_all", no_decoding)
+    monkeypatch.setattr(cifar_folder, "_decode_all", no_decoding)
     second = TASKS.get("cifar10")(data_dir=str(tmp_path))
     assert torch.equal(second.train.images, first.train.images)
     assert torch.equal(second.test.labels, first.test.labels)

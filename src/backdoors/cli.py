@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from backdoors.errors import BackdoorsError, RunFailed
+from backdoors.errors import BackdoorsError, fail, report
 from backdoors.version import __version__
 
 LISTABLE = ("tasks", "models", "synthesizers", "attacks", "balancers", "loss_terms",
@@ -25,12 +24,7 @@ LISTABLE = ("tasks", "models", "synthesizers", "attacks", "balancers", "loss_ter
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise SystemExit(_fail(f"{self.prog}: {message}"))
-
-
-def _fail(message: str, code: int = 2) -> int:
-    print(f"error: {' '.join(message.split())}", file=sys.stderr)  # always one line
-    return code
+        raise SystemExit(fail(f"{self.prog}: {message}"))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,11 +83,11 @@ def _train(args: argparse.Namespace) -> int:
     try:
         if args.resume:
             if args.config or args.overrides or args.name:
-                return _fail("--resume takes no config, --set or --name (the run keeps its own)")
+                return fail("--resume takes no config, --set or --name (the run keeps its own)")
             summary = resume(args.resume, quiet=args.quiet)
         else:
             if not args.config:
-                return _fail("train needs a CONFIG file (or --resume RUN_DIR)")
+                return fail("train needs a CONFIG file (or --resume RUN_DIR)")
             config = load_config(args.config, args.overrides)
             summary = run(config, out=args.out, name=args.name, quiet=args.quiet)
     except Interrupted as stop:
@@ -122,7 +116,7 @@ def _validate(args: argparse.Namespace) -> int:
         try:
             build(load_config(path, args.overrides))
         except BackdoorsError as exc:
-            return _fail(f"{path}: {exc}")
+            return fail(f"{path}: {exc}")
         print(f"ok: {path}")
     return 0
 
@@ -154,7 +148,7 @@ def _show(args: argparse.Namespace) -> int:
     folder = RunFolder.existing(args.run_dir)
     summary = folder.read_summary()
     if not summary:
-        return _fail(f"{folder.path} has no summary.json yet (its run has not started)")
+        return fail(f"{folder.path} has no summary.json yet (its run has not started)")
     print(json.dumps(summary, indent=2))
     if summary.get("status") == "running" and not is_locked(folder.path):
         print(f"note: no process is running {folder.path} (it was killed); resume with: "
@@ -171,7 +165,7 @@ def _defend(args: argparse.Namespace) -> int:
     for text in args.overrides:
         keys, value = parse_override(text)
         if len(keys) != 1:
-            return _fail(f"--set {text}: defense options are flat (e.g. --set steps=100)")
+            return fail(f"--set {text}: defense options are flat (e.g. --set steps=100)")
         kwargs[keys[0]] = value
     print(format_result(defend(args.run_dir, args.defense, kwargs)))
     return 0
@@ -182,10 +176,10 @@ def _gallery(args: argparse.Namespace) -> int:
     from backdoors.gallery import draw_gallery
 
     if args.n < 1:
-        return _fail(f"--n must be >= 1, got {args.n}")
+        return fail(f"--n must be >= 1, got {args.n}")
     out = Path(args.out)
     if out.suffix.lower() != ".png":
-        return _fail(f"--out must name a .png file, got {out}")
+        return fail(f"--out must name a .png file, got {out}")
     print(f"wrote {draw_gallery(load_config(args.config, args.overrides), out, args.n)}")
     return 0
 
@@ -195,11 +189,11 @@ def _crashtest(args: argparse.Namespace) -> int:
     from backdoors.crashtest import crashtest
 
     if args.units < 0 or args.instants < 0:
-        return _fail("--units and --instants must be >= 0")
+        return fail("--units and --instants must be >= 0")
     config = load_config(args.config, args.overrides)
     out = Path(args.out or f"runs/crashtest-{config.name}")
     if out.exists() and any(out.iterdir()):
-        return _fail(f"--out {out} is not empty; crashtest needs a fresh folder")
+        return fail(f"--out {out} is not empty; crashtest needs a fresh folder")
 
     def report(scenario: Any) -> None:
         mark = "held  " if scenario.held else "BROKEN"
@@ -220,18 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler[args.command](args)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
-    except BackdoorsError as exc:
-        return _fail(str(exc))
-    except RunFailed as exc:
-        return _fail(str(exc), code=1)
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # noqa: BLE001 - the promise is one line, never a traceback
-        if os.environ.get("BACKDOORS_DEBUG"):
-            raise
-        first = (str(exc).splitlines() or [""])[0]
-        return _fail(f"unexpected {type(exc).__name__}: {first} (set BACKDOORS_DEBUG=1 for "
-                     "the traceback)", code=1)
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback (errors.report)
+        return report(exc)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ a run that failed on its own (RunFailed) prints one line and exits with code 1."
 from __future__ import annotations
 
 import difflib
+import os
+import sys
 from collections.abc import Iterable
 
 
@@ -34,6 +36,27 @@ class Diverged(Exception):  # noqa: N818 - reads as "training diverged"
 
 class RunFailed(Exception):  # noqa: N818 - reads as "the run failed"
     """A run stopped with status `failed`; its summary.json records the error (exit 1)."""
+
+
+def fail(message: str, code: int = 2) -> int:
+    """Print `error: message` as one line on stderr; return the exit code."""
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+def report(exc: Exception) -> int:
+    """One line for any error a command ends with, and its exit code: 2 for what the user
+    can fix, 1 for a failed run or an unexpected error (whose traceback BACKDOORS_DEBUG=1
+    shows: the command then re-raises)."""
+    if isinstance(exc, BackdoorsError):
+        return fail(str(exc))
+    if isinstance(exc, RunFailed):
+        return fail(str(exc), 1)
+    if os.environ.get("BACKDOORS_DEBUG"):
+        raise exc
+    first = (str(exc).splitlines() or [""])[0]
+    return fail(f"unexpected {type(exc).__name__}: {first} (set BACKDOORS_DEBUG=1 for the "
+                "traceback)", 1)
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:

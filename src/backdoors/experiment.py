@@ -166,6 +166,9 @@ class Lifecycle:
         if commit is not None:
             loop.start()
             return loop, self._restore(loop, commit)
+        if self.folder.log_size() > 0:  # rows are logged only after the first commit
+            raise RunError(f"{self.folder.path} has metrics but no checkpoints/commit.pt (was "
+                           "it deleted?); it cannot be resumed, start a new run")
         if self.first is False:
             self.first = load_start_weights(config, comps)
         first = self.first or loop.first

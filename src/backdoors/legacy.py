@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from backdoors.config import apply_overrides, convert_legacy, from_dict, is_legacy, read_yaml
-from backdoors.errors import BackdoorsError, ConfigError, RunFailed
+from backdoors.errors import ConfigError, report
 from backdoors.hooks import Hook, TensorBoardHook
 
 
@@ -59,8 +59,16 @@ class LegacyHook(Hook):
             torch.save(state, self.folder / "model_last.pt.tar.best")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like the `backdoors` command (exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Backdoors 101 compatible training")
+    parser = _Parser(description="Backdoors 101 compatible training")
     parser.add_argument("--name", required=True, help="run name (runs/<name> for TensorBoard)")
     parser.add_argument("--params", required=True, help="flat Backdoors 101 YAML file")
     parser.add_argument("--commit", default=None, help="accepted for compatibility; unused")
@@ -87,15 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if params.get("tb"):
             hooks.append(TensorBoardHook(Path("runs") / args.name))
         summary = run(config, out="runs", hooks=hooks, quiet=True)
-    except BackdoorsError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except RunFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     except Interrupted as stop:
         print(f"interrupted; resume with: backdoors train --resume {stop.run_dir}",
               file=sys.stderr)
         return 130
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback (errors.report)
+        return report(exc)
     print(f"run folder: {summary['run_dir']}")
     return 0

@@ -22,7 +22,7 @@ from backdoors.assembly.build import (
     resolved_config,
     trigger_fingerprint,
 )
-from backdoors.assembly.data import evaluation_loaders, mask_of, training_data
+from backdoors.assembly.data import TrainingData, evaluation_loaders, mask_of, training_data
 from backdoors.config import Component, Config, from_dict, read_yaml
 from backdoors.data.augment import random_crop_flip
 from backdoors.data.dataset import ArrayDataset
@@ -90,7 +90,7 @@ def reopen(folder: RunFolder) -> DefenseTarget:
     return _target(config, comps, folder, data.clean_train, data.train, poisoned)
 
 
-def _federated_poison(folder: RunFolder, data: Any) -> Tensor:
+def _federated_poison(folder: RunFolder, data: TrainingData) -> Tensor:
     """Rows the federated attackers poisoned, as their run recorded them."""
     rows = folder.read_json("attack.json").get("poison_indices")
     n = len(data.clean_train)
@@ -116,13 +116,12 @@ def _target(config: Config, comps: Components, folder: RunFolder, clean: ArrayDa
     def fresh_model() -> nn.Module:
         """The architecture with the weights its training started from, built under the
         run's seed as `build` does, without disturbing the global random state."""
-        name = (config.model or Component(comps.model_name))
+        spec, task = config.model or Component(comps.model_name), comps.task
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            task = comps.task
-            m = MODELS.build(name.name, name.kwargs, "model", num_classes=task.num_classes,
-                             input_shape=task.input_shape, mean=task.mean, std=task.std)
-        return m.to(comps.device)
+            fresh = MODELS.build(spec.name, spec.kwargs, "model", num_classes=task.num_classes,
+                                 input_shape=task.input_shape, mean=task.mean, std=task.std)
+        return fresh.to(comps.device)
 
     augment = (lambda x, g: random_crop_flip(x, generator=g)) if comps.task.augment else None
     return DefenseTarget(

@@ -8,6 +8,7 @@ import torch
 
 from backdoors.data.dataset import ArrayDataset
 from backdoors.data.task import TASKS, Task
+from backdoors.errors import DataError
 
 
 @TASKS.register("digits")
@@ -35,7 +36,11 @@ class DigitsTask(Task):
         self.test_fraction, self.split_seed = test_fraction, split_seed
 
     def _load(self) -> tuple[ArrayDataset, ArrayDataset]:
-        from sklearn.datasets import load_digits
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError:
+            raise DataError("the digits task reads the copy bundled with scikit-learn, which is "
+                            "not installed; expected `pip install scikit-learn`") from None
 
         raw = load_digits()
         images = torch.from_numpy(raw.images).float().div(16.0).mul(255).round()

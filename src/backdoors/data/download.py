@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
+from backdoors.data.checks import reason
 from backdoors.errors import DataError
 
 _BLOCK = 1 << 20
@@ -64,12 +65,16 @@ def download_file(
     """
     algorithm, want = _expected(md5, sha256)
     dest = Path(dest)
-    if dest.is_file() and file_digest(dest, algorithm) == want:
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if dest.is_file() and file_digest(dest, algorithm) == want:
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot download to {dest}: {reason(exc)}; expected a writable "
+                        "folder") from None
     failures = []
     for url in urls:
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        fd, tmp = _temporary(dest)
         try:
             got = _fetch(url, fd, algorithm, timeout)
             if got == want:
@@ -77,10 +82,19 @@ def download_file(
                 return dest
             failures.append(f"{url}: {algorithm} {got} != expected {want}")
         except (OSError, ValueError) as exc:  # network errors are OSErrors; bad URLs ValueErrors
-            failures.append(f"{url}: {exc}")
+            failures.append(f"{url}: {reason(exc)}")
         finally:
             Path(tmp).unlink(missing_ok=True)
     raise DataError(f"could not download {dest.name} to {dest.parent}: {'; '.join(failures)}")
+
+
+def _temporary(dest: Path) -> tuple[int, str]:
+    """A temporary file next to `dest` (so the final rename stays on one file system)."""
+    try:
+        return tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    except OSError as exc:
+        raise DataError(f"cannot write to {dest.parent}: {reason(exc)}; expected a writable "
+                        "folder") from None
 
 
 def safe_extract_tar(archive: Path, dest: Path) -> None:
@@ -112,4 +126,5 @@ def safe_extract_tar(archive: Path, dest: Path) -> None:
                 with src, target.open("wb") as out:
                     shutil.copyfileobj(src, out, _BLOCK)
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise DataError(f"cannot extract {archive}: {exc}") from None
+        raise DataError(f"cannot extract {archive}: {reason(exc)}; expected an intact tar "
+                        "archive and a writable destination") from None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,8 +12,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from backdoors.data.checks import reason, require_folder, scan
 from backdoors.data.task import TASKS, Task
-from backdoors.errors import DataError
+from backdoors.errors import DataError, did_you_mean
 
 DEFAULT_DIR = Path(".data/imagenet")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -22,8 +22,18 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 def list_classes(split_dir: Path) -> list[str]:
     """Sorted names of the sub-folders of `split_dir` (hidden ones skipped): the class list."""
-    with os.scandir(split_dir) as entries:
-        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in scan(split_dir) if e.is_dir() and not e.name.startswith("."))
+
+
+def _image_files(folder: Path) -> list[str]:
+    """Sorted paths of the image files in `folder` (none when it does not exist)."""
+    if not folder.is_dir():
+        return []
+    try:
+        return sorted(e.path for e in scan(folder)
+                      if e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())
+    except OSError as exc:  # is_file() stats symlinks, which can fail on their target
+        raise DataError(f"cannot list folder {folder}: {reason(exc)}") from None
 
 
 def list_images(split_dir: Path, classes: Sequence[str]) -> tuple[list[str], list[int]]:
@@ -33,15 +43,7 @@ def list_images(split_dir: Path, classes: Sequence[str]) -> tuple[list[str], lis
     class, then the second, ...): `max_*_samples` keeps a prefix, and a class-by-class order
     would make that prefix a few classes only. A class folder may be missing (empty split).
     """
-    per_class = []
-    for name in classes:
-        folder = Path(split_dir) / name
-        files: list[str] = []
-        if folder.is_dir():
-            with os.scandir(folder) as entries:
-                files = sorted(e.path for e in entries
-                               if e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())
-        per_class.append(files)
+    per_class = [_image_files(Path(split_dir) / name) for name in classes]
     paths, labels = [], []
     for row in itertools.zip_longest(*per_class):
         for label, path in enumerate(row):
@@ -49,6 +51,33 @@ def list_images(split_dir: Path, classes: Sequence[str]) -> tuple[list[str], lis
                 paths.append(path)
                 labels.append(label)
     return paths, labels
+
+
+def require_images(split_dir: Path, classes: Sequence[str], labels: Sequence[int],
+                   every_class: bool) -> None:
+    """DataError naming the folder when `split_dir` has no images, or (with `every_class`)
+    when a class folder has none: a class never seen in training is a broken dataset."""
+    present = set(labels)
+    if not present:
+        raise DataError(f"no .jpg/.jpeg/.png images under {split_dir}/<class>/ (looked in "
+                        f"{len(classes)} class folders); expected at least one image")
+    empty = [name for i, name in enumerate(classes) if i not in present]
+    if every_class and empty:
+        folder = Path(split_dir) / empty[0]
+        others = f" and {len(empty) - 1} more" if len(empty) > 1 else ""
+        raise DataError(f"{folder}{others} {_contents(folder)}; expected "
+                        f"{split_dir}/<class>/ folders holding .jpg/.jpeg/.png images")
+
+
+def _contents(folder: Path) -> str:
+    """What an image-less class folder holds instead, e.g. images in another format."""
+    if not folder.is_dir():
+        return "is missing"
+    names = sorted(e.name for e in scan(folder))
+    if not names:
+        return "is empty"
+    entries = f"{len(names)} other entr{'y' if len(names) == 1 else 'ies'}"
+    return f"holds no .jpg/.jpeg/.png images ({entries}, e.g. '{names[0]}')"
 
 
 def resize_center_crop(image: Image.Image, resize: int, size: int) -> Image.Image:
@@ -94,10 +123,18 @@ def load_image(path: str, resize: int, image_size: int,
             rgb = image.convert("RGB")
             if box is not None:
                 rgb = rgb.crop(box)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot decode image {path}: {exc}") from None
-    pixels = np.array(resize_center_crop(rgb, resize, image_size))
+        pixels = np.array(resize_center_crop(rgb, resize, image_size))
+    except Exception as exc:  # PIL's decoders raise many types (OSError, SyntaxError, ...)
+        raise image_error(path, exc) from None
     return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
+
+
+def image_error(path: str, exc: Exception) -> DataError:
+    """A missing or unreadable file (an OS error with its own text) or one PIL cannot decode."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return DataError(f"cannot read image {path}: {exc.strerror}; expected a readable file")
+    return DataError(f"cannot decode image {path}: {reason(exc)}; expected an intact "
+                     ".jpg/.jpeg/.png image")
 
 
 @TASKS.register("image_folder")
@@ -145,6 +182,7 @@ class ImageFolderTask(Task):
     def _scan(self) -> None:
         """Find train/ and val/ (or test/) and list the class folders (cheap)."""
         root = self.root
+        require_folder(root, "train/<class>/ and val/<class>/ (or test/) image folders")
         self.train_dir = root / "train"
         test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
         if not self.train_dir.is_dir() or test_dir is None:
@@ -164,10 +202,11 @@ class ImageFolderTask(Task):
         unknown = sorted(set(list_classes(split_dir)) - set(self.class_names))
         if unknown:
             raise DataError(f"{split_dir} has class folders missing from {self.train_dir}: "
-                            f"{', '.join(unknown[:5])}")
+                            f"{', '.join(unknown[:5])}"
+                            f"{did_you_mean(unknown[0], self.class_names)}")
         paths, labels = list_images(split_dir, self.class_names)
-        if not paths:
-            raise DataError(f"no .jpg/.jpeg/.png images under {split_dir}/<class>/")
+        # Every class needs training images; a test split may leave some classes out.
+        require_images(split_dir, self.class_names, labels, split_dir == self.train_dir)
         return ImageFolderDataset(paths, labels, self.resize, self.image_size)
 
     def _load(self) -> tuple[ImageFolderDataset, ImageFolderDataset]:

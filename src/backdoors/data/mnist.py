@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from backdoors.data.checks import near_miss, reason, require_folder
 from backdoors.data.dataset import ArrayDataset
 from backdoors.data.download import download_file
 from backdoors.data.task import TASKS, Task
@@ -49,9 +50,11 @@ def read_idx(path: Path) -> np.ndarray:
         if path.suffix == ".gz":
             data = gzip.decompress(data)
     except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"cannot read IDX file {path}: {exc}") from None
+        kind = "a gzip-compressed IDX file" if path.suffix == ".gz" else "an IDX file"
+        raise DataError(f"cannot read IDX file {path}: {reason(exc)}; expected {kind}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise DataError(f"{path} is not an IDX file (bad magic number {data[:4].hex()})")
+        raise DataError(f"{path} is not an IDX file: bad magic number {data[:4].hex() or 'none'}, "
+                        "expected 000008NN (uint8, NN dimensions)")
     ndim = data[3]
     header = 4 + 4 * ndim
     if len(data) < header:
@@ -60,7 +63,8 @@ def read_idx(path: Path) -> np.ndarray:
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     expected = math.prod(dims) * dtype.itemsize
     if len(data) - header != expected:
-        raise DataError(f"{path} is malformed: header says shape {dims} ({expected} bytes) "
+        problem = "is truncated" if len(data) - header < expected else "is malformed"
+        raise DataError(f"{path} {problem}: header says shape {dims} ({expected} bytes) "
                         f"but it holds {len(data) - header} bytes of data")
     array = np.frombuffer(data, dtype, offset=header).reshape(dims)
     return array.astype(dtype.newbyteorder("="))  # a writable copy in native byte order
@@ -109,8 +113,30 @@ def _locate(root: Path, stems: list[str]) -> Path | None:
 
 def _missing_error(looked: list[Path], stems: list[str], hint: str) -> DataError:
     where = ", ".join(str(d) for d in looked)
+    names = [*stems, *(f"{stem}.gz" for stem in stems)]
+    misspelt = next((m for d in looked if (m := near_miss(d, names))), "")
     return DataError(f"MNIST files not found: looked in {where} for {', '.join(stems)} "
-                     f"(raw or .gz); {hint}")
+                     f"(raw or .gz){misspelt}; {hint}")
+
+
+def _check_split(images: np.ndarray, labels: np.ndarray, files: tuple[Path, Path]) -> None:
+    """DataError naming the file unless images are uint8 [N, 28, 28] with N >= 1 and labels
+    are N uint8 digits 0..9."""
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise DataError(f"{files[0]} should hold uint8 images [N, 28, 28], got {images.dtype} "
+                        f"{list(images.shape)}")
+    if not len(images):
+        raise DataError(f"{files[0]} holds no images; expected N >= 1 images [N, 28, 28]")
+    if labels.dtype != np.uint8 or labels.ndim != 1:
+        raise DataError(f"{files[1]} should hold uint8 labels [N], got {labels.dtype} "
+                        f"{list(labels.shape)}")
+    if len(labels) != len(images):
+        raise DataError(f"{files[1]} holds {len(labels)} labels but {files[0].name} holds "
+                        f"{len(images)} images; expected one label per image")
+    if labels.max() > 9:
+        bad = int(np.argmax(labels > 9))
+        raise DataError(f"{files[1]} holds label {labels[bad]} at index {bad}; expected digits "
+                        "0..9")
 
 
 def read_mnist_split(directory: Path, prefix: str) -> ArrayDataset:
@@ -121,11 +147,7 @@ def read_mnist_split(directory: Path, prefix: str) -> ArrayDataset:
     if found[0] is None or found[1] is None:
         raise _missing_error([directory], stems, f"download them from {MIRRORS[0]}")
     images, labels = read_idx(found[0]), read_idx(found[1])
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise DataError(f"{found[0]} should hold uint8 images [N, 28, 28], got {images.shape}")
-    if labels.dtype != np.uint8 or labels.shape != images.shape[:1] or labels.max(initial=0) > 9:
-        raise DataError(f"{found[1]} should hold {len(images)} uint8 labels in 0..9, "
-                        f"got shape {labels.shape}")
+    _check_split(images, labels, (found[0], found[1]))
     return ArrayDataset(torch.from_numpy(images)[:, None], torch.from_numpy(labels).long())
 
 
@@ -134,6 +156,7 @@ def load_mnist(
 ) -> tuple[ArrayDataset, ArrayDataset]:
     """(train, test) from `data_dir` (default `.data/mnist`), downloading missing files if asked."""
     root = Path(data_dir).expanduser() if data_dir else DEFAULT_DIR
+    require_folder(root, "the MNIST IDX files")
     stems = list(MNIST_MD5)
     directory = _locate(root, stems)
     if directory is None:

@@ -8,7 +8,6 @@ reveals whether a target person is in the photo.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from backdoors.data.checks import near_miss, reason, require_folder
 from backdoors.data.image_folder import load_image
 from backdoors.data.task import TASKS, Task
 from backdoors.errors import DataError
@@ -50,8 +50,29 @@ def load_archive_file(path: Path) -> Any:
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as exc:
-        raise DataError(f"cannot read PIPA archive file {path}: {exc}") from None
+    except Exception as exc:  # a corrupt or foreign file can raise almost anything
+        raise DataError(f"cannot read PIPA archive file {path}: {_load_reason(exc)}; expected "
+                        "a torch.save file from Backdoors 101's archive") from None
+
+
+def _load_reason(exc: Exception) -> str:
+    """torch.load's failure in one line. Its weights-only errors span several lines of
+    advice; the useful part follows 'WeightsUnpickler error:', and its first sentence says
+    what was refused (a class, or bytes that are no pickle at all, e.g. a text file)."""
+    if isinstance(exc, EOFError):
+        return "the file is empty or truncated"
+    if isinstance(exc, OSError):
+        return reason(exc)
+    _, marker, detail = str(exc).partition("WeightsUnpickler error:")
+    # The first line of the detail (or of the message), up to its first full stop: e.g.
+    # "PytorchStreamReader failed reading zip archive: failed finding central directory".
+    first = next((line.strip() for line in (detail or str(exc)).splitlines() if line.strip()), "")
+    first = first.split(". ")[0]
+    if not marker:
+        return first or type(exc).__name__
+    if first.startswith("Unsupported global"):
+        return f"it holds an object the safe loader refuses ({first})"
+    return f"not a pickle the safe loader can read ({first})"
 
 
 def square_box(heads: Sequence[HeadBox]) -> tuple[int, int, int, int]:
@@ -106,17 +127,79 @@ class PipaDataset:
 
 
 def read_split(root: Path, entries: list, photos: Any, targets: Sequence[int],
-               resize: int, image_size: int) -> PipaDataset:
-    """One split of the archive: `entries` are (photo key, identities in the photo)."""
+               resize: int, image_size: int, source: str = "split") -> PipaDataset:
+    """One split of the archive: `entries` are (photo key, identities in the photo).
+
+    `source` names the split file in errors; each malformed entry is reported with its
+    index, and the photo it names, rather than as a bare KeyError or IndexError.
+    """
+    split_file, photo_file = root / source, root / "photo_list.pt"
+    if not isinstance(entries, list | tuple) or not entries:
+        raise DataError(f"{split_file} holds {_describe(entries)}; expected a non-empty list "
+                        "of (photo key, identities) pairs")
     paths, boxes, labels, aux = [], [], [], []
-    for key, identities in entries:
-        heads = photos[key]
-        folder = "train" if heads[0].subset_id == 1 else "test"
-        paths.append(str(root / folder / f"{heads[0].photoset_id}_{heads[0].photo_id}.jpg"))
-        boxes.append(square_box(heads))
+    for i, entry in enumerate(entries):
+        key, identities = _entry(entry, split_file, i)
+        try:
+            heads = photos[key]
+        except (KeyError, TypeError):  # TypeError: an unhashable key
+            raise DataError(f"{split_file} entry {i} names photo {key!r:.40}, which "
+                            f"{photo_file} lacks; expected head boxes for every listed "
+                            "photo") from None
+        path, box = _photo(root, heads, key, photo_file)
+        paths.append(path)
+        boxes.append(box)
         labels.append(count_label(identities))
         aux.append(identity_label(identities, targets))
     return PipaDataset(paths, boxes, labels, aux, resize, image_size)
+
+
+def _describe(value: object) -> str:
+    empty = isinstance(value, list | tuple | dict) and not value
+    return f"an empty {type(value).__name__}" if empty else type(value).__name__
+
+
+def _entry(entry: object, source: Path, i: int) -> tuple[Any, Sequence[int]]:
+    """(photo key, identities) of entry `i` of `source`; identities must name at least one
+    person, or the count label would be -1."""
+    try:
+        key, identities = entry  # type: ignore[misc]
+        count = len(identities)
+    except (TypeError, ValueError):
+        raise DataError(f"{source} entry {i} is {entry!r:.60}; expected a (photo key, list of "
+                        "identities) pair") from None
+    if not count:
+        raise DataError(f"{source} entry {i} (photo {key!r:.40}) lists no identities; "
+                        "expected at least one person per photo")
+    return key, identities
+
+
+def _photo(root: Path, heads: Any, key: Any,
+           source: Path) -> tuple[str, tuple[int, int, int, int]]:
+    """The image path and crop box of photo `key` from its `heads` (read from `source`)."""
+    try:
+        first = heads[0]
+        folder = "train" if first.subset_id == 1 else "test"
+        path = str(root / folder / f"{first.photoset_id}_{first.photo_id}.jpg")
+        box = square_box(heads)
+        empty = box[2] <= box[0] or box[3] <= box[1]
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{source} photo {key!r:.40} has malformed head boxes "
+                        f"({type(exc).__name__}: {reason(exc)}); expected a non-empty list of "
+                        "annotations with photoset_id, photo_id, xmin, ymin, width, height and "
+                        "subset_id") from None
+    if empty:
+        raise DataError(f"{source} photo {key!r:.40} has head boxes of zero size {box}; "
+                        "expected positive width and height")
+    return path, box
+
+
+def _targets(targets: Any, source: Path) -> list[int]:
+    try:
+        return [int(t) for t in targets]
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{source} holds {_describe(targets)} ({reason(exc)}); expected a list "
+                        "of integer identity ids") from None
 
 
 @TASKS.register("pipa")
@@ -161,15 +244,18 @@ class PipaTask(Task):
         self.root = self.data_dir or DEFAULT_DIR
 
     def _load(self) -> tuple[PipaDataset, PipaDataset]:
+        require_folder(self.root, f"Backdoors 101's PIPA archive ({', '.join(ARCHIVE_FILES)})")
         missing = [name for name in ARCHIVE_FILES if not (self.root / name).is_file()]
         if missing:
             raise DataError(f"PIPA archive not found in {self.root}: missing "
-                            f"{', '.join(missing)}; get Backdoors 101's archive ({ARCHIVE_URL}) "
-                            "and unpack it there")
+                            f"{', '.join(missing)}{near_miss(self.root, ARCHIVE_FILES)}; get "
+                            f"Backdoors 101's archive ({ARCHIVE_URL}) and unpack it there")
         train, test, photos, targets = (load_archive_file(self.root / n) for n in ARCHIVE_FILES)
-        try:
-            targets = [int(t) for t in targets]
-            return (read_split(self.root, train, photos, targets, self.resize, self.image_size),
-                    read_split(self.root, test, photos, targets, self.resize, self.image_size))
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
-            raise DataError(f"PIPA archive in {self.root} is malformed: {exc!r}") from None
+        if not isinstance(photos, dict):
+            raise DataError(f"{self.root / 'photo_list.pt'} holds {type(photos).__name__}; "
+                            "expected a dict from photo key to head boxes")
+        targets = _targets(targets, self.root / "target_identities.pt")
+        return (read_split(self.root, train, photos, targets, self.resize, self.image_size,
+                           "train_split.pt"),
+                read_split(self.root, test, photos, targets, self.resize, self.image_size,
+                           "test_split.pt"))

@@ -68,6 +68,8 @@ class RunFolder:
     def existing(cls, path: str | Path) -> RunFolder:
         """An existing run folder (one with config.yaml), else a one-line RunError."""
         p = Path(path)
+        if p.exists() and not p.is_dir():
+            raise RunError(f"{p} is a file; expected a run folder")
         if not p.is_dir():
             raise RunError(f"run folder not found: {p}")
         if not (p / "config.yaml").is_file():
