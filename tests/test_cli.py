@@ -133,8 +133,11 @@ def test_show_prints_summary(tiny, tmp_path, capsys):
     tiny["train"]["epochs"] = 1
     main(["train", str(write(tmp_path, tiny)), "--out", str(tmp_path), "--name", "r", "--quiet"])
     capsys.readouterr()
-    assert main(["show", str(tmp_path / "r")]) == 0
+    assert main(["show", "--json", str(tmp_path / "r")]) == 0
     assert json.loads(capsys.readouterr().out)["status"] == "completed"
+    assert main(["show", str(tmp_path / "r")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["run", "status", "epochs"] and "completed" in table[1]
     one_line_error(capsys, main(["show", str(tmp_path / "missing")]))
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from backdoors.assembly.artifact import defend, reopen
-from backdoors.config import from_dict
+from backdoors.assembly.artifact import defend, defense_key, reopen
+from backdoors.config import Component, from_dict
 from backdoors.data.dataset import ArrayDataset
 from backdoors.defenses import (
     DEFENSES,
@@ -115,7 +115,8 @@ def neural_cleanse(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[s
     clean = _train(DIGITS, out, "clean", attack={"name": "none"})
     return {"backdoored": defend(backdoored, "neural_cleanse", NEURAL_CLEANSE),
             "clean": defend(clean, "neural_cleanse", {**NEURAL_CLEANSE, "repair": False}),
-            "folder": backdoored / "defenses" / "neural_cleanse"}
+            "folder": backdoored / "defenses"
+            / defense_key(Component("neural_cleanse", NEURAL_CLEANSE))}
 
 
 def _data(target: DefenseTarget) -> DefenseData:
@@ -150,8 +151,9 @@ def test_defense_reports_its_stage_figures(name, attack_run, defended):
         assert set(result["after"]) >= {"clean_accuracy", "asr", "robust_accuracy"}
         assert 0.0 <= result["der"] <= 1.0
     summary = json.loads((attack_run / "summary.json").read_text())
-    assert summary["defenses"][name]["defense"] == name
-    assert (attack_run / "defenses" / name / "result.json").is_file()
+    key = defense_key(Component(name, CASES.get(name, {})))
+    assert summary["defenses"][key]["defense"] == name
+    assert (attack_run / "defenses" / key / "result.json").is_file()
 
 
 @pytest.mark.parametrize("name", [n for n in DEFENSES.names()

@@ -113,10 +113,12 @@ def test_show_tells_a_killed_run_from_a_running_one(tiny, tmp_path, capsys):
     folder = tmp_path / "r"
     summary = json.loads((folder / "summary.json").read_text())
     (folder / "summary.json").write_text(json.dumps({**summary, "status": "running"}))
-    assert main(["show", str(folder)]) == 0
+    assert main(["show", "--json", str(folder)]) == 0
     assert "no process is running" in capsys.readouterr().err
+    assert main(["show", str(folder)]) == 0
+    assert "killed (resume it)" in capsys.readouterr().out
     with RunLock(folder, "training"):
-        assert main(["show", str(folder)]) == 0
+        assert main(["show", "--json", str(folder)]) == 0
         assert "no process" not in capsys.readouterr().err
 
 

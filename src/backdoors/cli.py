@@ -48,8 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list registered components")
     ls.add_argument("what", choices=LISTABLE)
 
-    s = sub.add_parser("show", help="print a run's summary")
-    s.add_argument("run_dir")
+    s = sub.add_parser("show", help="a compact table of runs (or sweep cells)")
+    s.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    s.add_argument("--json", action="store_true", help="print each run's summary.json")
 
     d = sub.add_parser("defend", help="run a defense on a finished attack run")
     d.add_argument("run_dir")
@@ -67,6 +68,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="also kill at N random instants (default 30)")
     c.add_argument("--seed", type=int, default=0, help="seed of the random instants")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    w = sub.add_parser("sweep", help="run a grid of attacks x defenses x seeds, resumably")
+    w.add_argument("grid", help="grid file (see docs/sweeps.md)")
+    w.add_argument("--out", default="runs", help="parent of the sweep folder (default runs/)")
+    w.add_argument("--engine", default="local", help="local (a process pool) or ray")
+    w.add_argument("--workers", type=int, default=None,
+                   help="local pool size (default: one per GPU, else 1)")
+    w.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    w.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    r = sub.add_parser("report", help="tables and figures over sweeps or run folders")
+    r.add_argument("paths", nargs="+", help="sweep folders, run folders, or folders of them")
+    r.add_argument("--out", default=None, help="report file (suffix replaced per format)")
+    r.add_argument("--format", default="html,md", help="comma-separated: html, md, csv")
 
     g = sub.add_parser("gallery", help="draw clean vs triggered test images to a PNG")
     g.add_argument("config")
@@ -143,16 +158,21 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from backdoors.report.show import show_table
     from backdoors.runs import RunFolder, is_locked
 
-    folder = RunFolder.existing(args.run_dir)
-    summary = folder.read_summary()
-    if not summary:
-        return fail(f"{folder.path} has no summary.json yet (its run has not started)")
-    print(json.dumps(summary, indent=2))
-    if summary.get("status") == "running" and not is_locked(folder.path):
-        print(f"note: no process is running {folder.path} (it was killed); resume with: "
-              f"backdoors train --resume {folder.path}", file=sys.stderr)
+    if not args.json:
+        print(show_table(args.run_dirs))
+        return 0
+    for path in args.run_dirs:
+        folder = RunFolder.existing(path)
+        summary = folder.read_summary()
+        if not summary:
+            return fail(f"{folder.path} has no summary.json yet (its run has not started)")
+        print(json.dumps(summary, indent=2))
+        if summary.get("status") == "running" and not is_locked(folder.path):
+            print(f"note: no process is running {folder.path} (it was killed); resume with: "
+                  f"backdoors train --resume {folder.path}", file=sys.stderr)
     return 0
 
 
@@ -205,12 +225,36 @@ def _crashtest(args: argparse.Namespace) -> int:
     return 0 if held == len(results) else 1
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from backdoors.sweeps import SweepInterrupted, sweep
+
+    try:
+        manifest = sweep(args.grid, args.out, args.engine, args.workers, args.address,
+                         args.quiet)
+    except SweepInterrupted as stop:
+        print(f"interrupted; continue with: backdoors sweep {args.grid} --out {args.out} "
+              f"({stop})", file=sys.stderr)
+        return 130
+    counts = manifest.get("counts", {})
+    return 0 if not counts.get("failed") else 1
+
+
+def _report(args: argparse.Namespace) -> int:
+    from backdoors.report import report
+
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    for path in report(args.paths, args.out, formats):
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `backdoors` console script."""
     try:
         args = _parser().parse_args(argv)
         handler = {"train": _train, "validate": _validate, "list": _list, "show": _show,
-                   "gallery": _gallery, "defend": _defend, "crashtest": _crashtest}
+                   "gallery": _gallery, "defend": _defend, "crashtest": _crashtest,
+                   "sweep": _sweep, "report": _report}
         return handler[args.command](args)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2

@@ -9,6 +9,8 @@ what was trained. Defense results go to defenses/NAME/ and the run's summary.jso
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -133,38 +135,65 @@ def _target(config: Config, comps: Components, folder: RunFolder, clean: ArrayDa
         batch_size=config.train.test_batch_size, federated=config.federated is not None)
 
 
-def record(folder: RunFolder, name: str, outcome: Outcome) -> None:
-    """defenses/NAME/: result.json, PNG figures and, for a defense that made a model,
-    model.safetensors; the result also goes under `defenses` in summary.json."""
-    folder.write_json(f"defenses/{name}/result.json", outcome.figures)
-    save_artifacts(folder.path / "defenses" / name, outcome.artifacts, outcome.figures)
+def defense_key(defense: Component) -> str:
+    """Where a defense's result lives: defenses/NAME/, or defenses/NAME-<hash>/ when it
+    was given options, so results under different options never overwrite each other."""
+    if not defense.kwargs:
+        return defense.name
+    text = json.dumps(defense.kwargs, sort_keys=True, default=str)
+    return f"{defense.name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def record(folder: RunFolder, defense: Component, outcome: Outcome) -> str:
+    """defenses/KEY/: result.json (with the options), PNG figures and, for a defense that
+    made a model, model.safetensors; the result also goes under `defenses` in
+    summary.json. Returns the key."""
+    key = defense_key(defense)
+    figures = {**outcome.figures, "options": defense.kwargs}
+    folder.write_json(f"defenses/{key}/result.json", figures)
+    save_artifacts(folder.path / "defenses" / key, outcome.artifacts, figures)
+    vectors = {k: v.detach().cpu().contiguous() for k, v in outcome.artifacts.items()
+               if v.dim() == 1}
+    if vectors:  # the raw scores, for reports (histograms by poisoned / clean)
+        save_weights(folder.path / "defenses" / key / "scores.safetensors", vectors)
     if outcome.model is not None:
-        save_weights(folder.path / "defenses" / name / "model.safetensors",
+        save_weights(folder.path / "defenses" / key / "model.safetensors",
                      state_of(outcome.model))
     summary = folder.read_summary()
-    summary.setdefault("defenses", {})[name] = outcome.figures
+    summary.setdefault("defenses", {})[key] = figures
     folder.write_summary(summary)
+    return key
 
 
 def defend(run_dir: Any, name: str, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run defense `name` (with constructor `kwargs`) on the completed run in `run_dir`;
     return its figures."""
-    defense = DEFENSES.build(name, kwargs or {}, f"defense '{name}'")
+    component = Component(name, dict(kwargs or {}))
+    defense = DEFENSES.build(name, component.kwargs, f"defense '{name}'")
     folder = RunFolder.existing(run_dir)
     with RunLock(folder.path, f"running defense {name}"):
         outcome = run_defense(reopen(folder), defense)
-        record(folder, name, outcome)
-    return outcome.figures
+        record(folder, component, outcome)
+    return {**outcome.figures, "options": component.kwargs}
 
 
-def defend_all(folder: RunFolder, defenses: Sequence[Component], quiet: bool
-               ) -> dict[str, Any]:
-    """The config's `defenses:`, in order, on the finished run; returns the summary."""
+def defend_all(folder: RunFolder, defenses: Sequence[Component], quiet: bool,
+               errors: dict[str, str] | None = None) -> dict[str, Any]:
+    """Defenses, in order, on the finished run (re-opened once); returns the summary.
+    With `errors`, a defense that fails is recorded there (key -> one line) and the others
+    still run; without, the failure is raised."""
     with RunLock(folder.path, "running defenses"):
         target = reopen(folder)
         for i, d in enumerate(defenses):
-            outcome = run_defense(target, DEFENSES.build(d.name, d.kwargs, f"defenses[{i}]"))
-            record(folder, d.name, outcome)
+            try:
+                defense = DEFENSES.build(d.name, d.kwargs, f"defenses[{i}]")
+                outcome = run_defense(target, defense)
+                record(folder, d, outcome)
+            except Exception as exc:
+                if errors is None:
+                    raise
+                errors[defense_key(d)] = (str(exc).splitlines() or [type(exc).__name__])[0]
+                continue
             if not quiet:
                 print(format_result(outcome.figures), flush=True)
     return folder.read_summary()

@@ -9,8 +9,10 @@ from backdoors.config.native import (
     check_run_name,
     from_dict,
     load_config,
+    native_data,
     parse_override,
     read_yaml,
+    set_dotted,
 )
 from backdoors.config.sections import Component, parse_component, parse_section
 from backdoors.config.train import TrainConfig
@@ -19,5 +21,6 @@ from backdoors.config.yaml12 import load_yaml
 __all__ = [
     "Component", "Config", "FederatedConfig", "TrainConfig", "apply_overrides",
     "check_run_name", "convert_legacy", "from_dict", "is_legacy", "load_config", "load_yaml",
-    "parse_component", "parse_override", "parse_section", "read_yaml",
+    "native_data", "parse_component", "parse_override", "parse_section", "read_yaml",
+    "set_dotted",
 ]

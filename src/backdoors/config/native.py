@@ -127,19 +127,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     out = copy.deepcopy(data)
     for text in overrides:
         parts, value = parse_override(text)
-        node = out
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if isinstance(child, str) and part in COMPONENTS:
-                child = {"name": child}
-            if child is None:
-                child = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {text}: '{'.'.join(parts[: i + 1])}' is not a section")
-            node[part] = child
-            node = child
-        node[parts[-1]] = value
+        set_dotted(out, parts, value, f"--set {text}")
     return out
+
+
+def set_dotted(data: dict[str, Any], parts: list[str], value: Any, where: str) -> None:
+    """Set data[parts[0]][parts[1]]... = value in place, creating mappings on the way (a
+    component given by name, `attack: blind`, becomes `{name: blind}`)."""
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if isinstance(child, str) and part in COMPONENTS:
+            child = {"name": child}
+        if child is None:
+            child = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: '{'.'.join(parts[: i + 1])}' is not a section")
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
 
 
 def from_dict(data: dict[str, Any]) -> Config:
@@ -184,9 +190,12 @@ def _defenses(data: Any) -> tuple[Component, ...]:
     return tuple(parse_component(d, f"defenses[{i}]") for i, d in enumerate(data))
 
 
+def native_data(path: str | Path) -> dict[str, Any]:
+    """A native or legacy YAML file as a native config mapping (not yet validated)."""
+    data = read_yaml(path)
+    return convert_legacy(data, source=str(path)) if is_legacy(data) else data
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a native or legacy YAML file, apply `--set` overrides, validate structure."""
-    data = read_yaml(path)
-    if is_legacy(data):
-        data = convert_legacy(data, source=str(path))
-    return from_dict(apply_overrides(data, overrides or []))
+    return from_dict(apply_overrides(native_data(path), overrides or []))

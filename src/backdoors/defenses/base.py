@@ -83,7 +83,8 @@ class InputDetector(Defense):
     def measure(self, model: nn.Module, data: DefenseData, target: DefenseTarget,
                 before: dict[str, Any]) -> Outcome:
         self.fit(model, data)
-        return Outcome(figures=input_detection(self.score, model, target))
+        figures, scores, positive = input_detection(self.score, model, target)
+        return Outcome(figures=figures, artifacts={"scores": scores, "positive": positive})
 
 
 class DatasetSanitizer(Defense):
@@ -104,7 +105,8 @@ class DatasetSanitizer(Defense):
         figures = {**detection(scores, poisoned),
                    "recall_at_1_5x": recall_at(scores, poisoned, 1.5),
                    **removal(found.removed.cpu(), poisoned, "removed"), **found.figures}
-        return Outcome(figures=figures, artifacts={"scores": scores, **found.artifacts})
+        return Outcome(figures=figures, artifacts={"scores": scores, "positive": poisoned,
+                                                   **found.artifacts})
 
 
 class ModelInspector(Defense):
@@ -180,7 +182,7 @@ class TrainingDefense(Defense):
         artifacts = dict(trained.artifacts)
         if trained.scores is not None:
             figures.update(detection(trained.scores.cpu(), target.poisoned))
-            artifacts["scores"] = trained.scores.cpu()
+            artifacts.update(scores=trained.scores.cpu(), positive=target.poisoned)
         if trained.flagged is not None:
             figures.update(removal(trained.flagged.cpu(), target.poisoned, "isolated"))
         figures.update(mitigation(target, before, model))

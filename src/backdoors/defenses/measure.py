@@ -57,9 +57,11 @@ def recall_at(scores: Tensor, poisoned: Tensor, factor: float) -> float | None:
 
 
 @torch.no_grad()
-def input_detection(score: Any, model: nn.Module, target: DefenseTarget) -> dict[str, Any]:
+def input_detection(score: Any, model: nn.Module, target: DefenseTarget
+                    ) -> tuple[dict[str, Any], Tensor, Tensor]:
     """Score clean test inputs against triggered test inputs whose label is not the
-    backdoor label; `score(model, x)` is the detector's suspicion per input."""
+    backdoor label; `score(model, x)` is the detector's suspicion per input. Returns the
+    detection figures, the scores and which of them are triggered."""
     synth = target.synthesizer
     gen = stream(target.seed, DEFENSE)
     clean_scores, trig_scores = [], []
@@ -74,4 +76,4 @@ def input_detection(score: Any, model: nn.Module, target: DefenseTarget) -> dict
     scores = torch.cat(clean_scores + trig_scores)
     positive = torch.cat([torch.zeros(sum(len(s) for s in clean_scores), dtype=torch.bool),
                           torch.ones(sum(len(s) for s in trig_scores), dtype=torch.bool)])
-    return detection(scores, positive)
+    return detection(scores, positive), scores, positive
