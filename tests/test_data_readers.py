@@ -492,3 +492,23 @@ def test_real_cifar_jpg(real_cifar_root: Path) -> None:
     assert torch.allclose(mean, torch.tensor(task.mean), atol=0.02)
     cached = TASKS.get("cifar10")(data_dir=str(real_cifar_root))
     assert torch.equal(cached.train.images, task.train.images)
+
+
+def test_mnist_test_split_splits_the_official_test_set(tmp_path: Path) -> None:
+    folder = tmp_path / "t10k-only"
+    folder.mkdir()
+    images = np.random.default_rng(0).integers(0, 256, (30, 28, 28), dtype=np.uint8)
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", images)
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.arange(30, dtype=np.uint8) % 10)
+    task = TASKS.build("mnist", {"data_dir": str(folder), "test_split": 24}, "task")
+    assert len(task.train) == 24 and len(task.test) == 6
+    assert np.array_equal(task.train.images[:, 0].numpy(), images[:24])
+    assert np.array_equal(task.test.images[:, 0].numpy(), images[24:])
+    same = TASKS.build("mnist", {"data_dir": str(write_mnist_split(folder, tmp_path / "s", 24))},
+                       "task")
+    assert np.array_equal(same.train.images.numpy(), task.train.images.numpy())
+    with pytest.raises(DataError, match="test_split"):
+        _ = TASKS.build("mnist", {"data_dir": str(folder), "test_split": 30}, "task").train
+    with pytest.raises(DataError, match="t10k"):
+        _ = TASKS.build("mnist", {"data_dir": str(tmp_path / "s" / "nope"),
+                                  "test_split": 5}, "task").train

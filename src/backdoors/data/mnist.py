@@ -181,6 +181,17 @@ def _idx_length(path: Path) -> int | None:
         return None
 
 
+def official_test_set(src_dir: str | Path) -> ArrayDataset:
+    """The official test set (`t10k-*` files) found under `src_dir`."""
+    src = Path(src_dir).expanduser()
+    require_folder(src, "the MNIST t10k IDX files")
+    stems = ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    directory = _locate(src, stems)
+    if directory is None:
+        raise _missing_error(_candidates(src), stems, f"download them from {MIRRORS[0]}")
+    return read_mnist_split(directory, "t10k")
+
+
 def write_mnist_split(src_dir: str | Path, out_dir: str | Path, n_train: int = 8000) -> Path:
     """Split the official MNIST test set into an MNIST-layout folder; returns `out_dir`.
 
@@ -188,12 +199,8 @@ def write_mnist_split(src_dir: str | Path, out_dir: str | Path, n_train: int = 8
     first `n_train` (default 8,000) images of `t10k-*` in file order, test = the rest
     (2,000). Does nothing when `out_dir` already holds files of the right sizes.
     """
-    src, out = Path(src_dir).expanduser(), Path(out_dir).expanduser()
-    stems = ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
-    directory = _locate(src, stems)
-    if directory is None:
-        raise _missing_error(_candidates(src), stems, f"download them from {MIRRORS[0]}")
-    full = read_mnist_split(directory, "t10k")
+    out = Path(out_dir).expanduser()
+    full = official_test_set(src_dir)
     if not 0 < n_train < len(full):
         raise ValueError(f"n_train must be in 1..{len(full) - 1}, got {n_train}")
     sizes = {"train": n_train, "t10k": len(full) - n_train}
@@ -213,10 +220,12 @@ class MnistTask(Task):
 
     Reads the four standard IDX files (raw or .gz) from `data_dir` (default `.data/mnist`;
     a folder holding `MNIST/raw/` or `mnist/` also works). With `download: true`, missing
-    files are fetched from the public mirrors and checked against their MD5 sums. For the
-    project's benchmark split (train = first 8,000 official test images, test = the last
-    2,000), point `data_dir` at a folder made by `write_mnist_split`. No augmentation by
-    default; `simple_net` is the default model.
+    files are fetched from the public mirrors and checked against their MD5 sums.
+
+    `test_split: N` reads only the official test set (`t10k-*`) and splits it: its first N
+    images train, the rest test. `test_split: 8000` is the project's benchmark split, made
+    from what `../shared/data/mnist-t10k` holds (the same images as a folder written by
+    `write_mnist_split`). No augmentation by default; `simple_net` is the default model.
     """
 
     input_shape = (1, 28, 28)
@@ -228,10 +237,20 @@ class MnistTask(Task):
     def __init__(
         self,
         download: bool = False,
+        test_split: int | None = None,
         **common: Any,
     ) -> None:
         super().__init__(**common)
-        self.download = download
+        if test_split is not None and test_split < 1:
+            raise ValueError(f"test_split must be >= 1, got {test_split}")
+        self.download, self.test_split = download, test_split
 
     def _load(self) -> tuple[ArrayDataset, ArrayDataset]:
-        return load_mnist(self.data_dir, self.download)
+        if self.test_split is None:
+            return load_mnist(self.data_dir, self.download)
+        full = official_test_set(self.data_dir or DEFAULT_DIR)
+        if self.test_split >= len(full):
+            raise DataError(f"task.test_split: {self.test_split} leaves no test images of the "
+                            f"{len(full)} in the official test set; expected 1..{len(full) - 1}")
+        n = self.test_split
+        return full.subset(slice(0, n)), full.subset(slice(n, None))

@@ -45,9 +45,12 @@ def setting(config: dict[str, Any]) -> tuple[str, str, str, float] | None:
         return None
     if attack.get("name") == "blind":
         return DATASETS[task], MODELS[model], "blind", 0.1
-    if attack.get("name") != "data" or trigger not in ATTACKS:
+    if trigger not in ATTACKS or attack.get("name") not in ("data", "batch"):
         return None
-    return DATASETS[task], MODELS[model], ATTACKS[trigger], float(attack.get("ratio", 0.1))
+    # Training-controlled attacks (WaNet, input-aware) poison a share of each batch; their
+    # BackdoorBench rows carry that share as the ratio.
+    ratio = attack.get("ratio" if attack["name"] == "data" else "fraction", 0.1)
+    return DATASETS[task], MODELS[model], ATTACKS[trigger], float(ratio)
 
 
 def lookup(config: dict[str, Any], defense: str | None) -> dict[str, float] | None:

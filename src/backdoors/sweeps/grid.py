@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from backdoors.config import Component, native_data, parse_component, read_yaml, set_dotted
 from backdoors.errors import ConfigError, did_you_mean
 
-KEYS = ("name", "base", "set", "grid", "cases", "seeds", "defenses", "retries", "resources",
-        "reference")
+KEYS = ("name", "base", "set", "grid", "cases", "seeds", "defenses", "retries", "resources")
 RESOURCES = ("cpus_per_cell", "gpus_per_cell")
 MAX_SEED = 2**32
 
@@ -59,7 +58,6 @@ class Grid:
     retries: int = 1
     cpus_per_cell: int | None = None
     gpus_per_cell: float = 0.0
-    reference: dict[str, Any] = field(default_factory=dict)
 
     def base_data(self) -> dict[str, Any]:
         """The base config as a native mapping (legacy files converted)."""
@@ -98,7 +96,6 @@ def load_grid(path: str | Path) -> Grid:
         cpus_per_cell=None if resources.get("cpus_per_cell") is None
         else max(1, _count(resources["cpus_per_cell"], f"{p}: resources.cpus_per_cell")),
         gpus_per_cell=_gpus(resources.get("gpus_per_cell", 0), p),
-        reference=_mapping(data.get("reference"), f"{p}: reference"),
     )
 
 
