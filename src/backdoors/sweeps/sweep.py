@@ -108,7 +108,7 @@ def _run(jobs: list[CellJob], by_id: dict[str, Cell], grid: Grid, engine: str, w
     retry: list[Cell] = []
     running = {job.cell_id for job in jobs}
     for cell_id in running:
-        manifest.mark(cell_id, "running")
+        manifest.mark(cell_id, "queued")
     manifest.save()
     try:
         for outcome in outcomes:
@@ -146,10 +146,9 @@ class Progress:
         self.finished_here += 1
         counts = self.manifest.counts()
         done_, failed = counts.get("completed", 0), counts.get("failed", 0)
-        running = counts.get("running", 0)
+        running = min(self.workers, counts.get("queued", 0))
         elapsed = time.perf_counter() - self.start
-        left = self.total - done_ - failed
-        eta = elapsed / self.finished_here * left / max(1, min(self.workers, left or 1))
+        eta = elapsed / self.finished_here * counts.get("queued", 0)
         what = outcome.status + (f" ({outcome.error})" if outcome.error else "")
         self._line(f"[{done_}/{self.total} done | {running} running | {failed} failed | "
                    f"{_clock(elapsed)} elapsed, ETA {_clock(eta)}] {cell.label} seed "
