@@ -1,7 +1,8 @@
 """Defense stages: one small ABC per stage, each owning how its defenses are measured.
 
 Each defense declares what it may see (`uses_training_set`: the possibly poisoned
-training set, for dataset-level and training-time defenses; `clean_fraction`: the size of
+training set, for dataset-level and training-time defenses; `uses_clean_data`: False for
+data-free defenses, which then get an empty clean budget; `clean_fraction`: the size of
 the clean budget as a fraction of the training set, default 5% as in BackdoorBench). The
 runner hands it a DefenseData with exactly that, and never test labels, the trigger or
 poison indices. A stage's `measure` runs the defense and judges it with the figures that
@@ -51,6 +52,7 @@ class Defense(ABC):
 
     stage: ClassVar[str]
     uses_training_set: ClassVar[bool] = False
+    uses_clean_data: ClassVar[bool] = True
 
     def __init__(self, clean_fraction: float = 0.05) -> None:
         if not 0.0 < clean_fraction <= 1.0:

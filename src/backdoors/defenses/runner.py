@@ -46,8 +46,10 @@ def check_fits(defense: Defense, federated: bool, where: str) -> None:
 
 def defense_data(target: DefenseTarget, defense: Defense) -> DefenseData:
     """What the defense may see: the clean budget and, if declared, the training set."""
+    clean = clean_budget(target, defense.clean_fraction) if defense.uses_clean_data \
+        else target.clean_train.subset(slice(0, 0))  # data-free: nothing to look at
     return DefenseData(
-        clean=clean_budget(target, defense.clean_fraction),
+        clean=clean,
         num_classes=target.num_classes,
         input_shape=target.input_shape,
         device=target.device,
