@@ -14,13 +14,14 @@ CACHE = REPO / ".cache"
 
 def mnist_split_dir() -> Path:
     """The project's standard MNIST split (train = first 8,000 images of the official test
-    file, test = last 2,000) written once as IDX files under .cache/mnist-split."""
-    from backdoors.data.mnist import write_mnist_split
+    file, test = last 2,000), prepared as `backdoors data mnist-split` does, in the place
+    the configs read it from (.data/mnist-split)."""
+    from backdoors.prepare import prepare
 
     source = SHARED_DATA / "mnist-t10k"
     if not source.is_dir():
         raise SystemExit(f"benchmark needs {source} (the shared MNIST test set)")
-    return write_mnist_split(source, CACHE / "mnist-split", n_train=8000)
+    return (REPO / prepare("mnist-split", str(source), str(REPO / ".data/mnist-split"))).resolve()
 
 
 def machine() -> str:

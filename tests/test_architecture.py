@@ -23,7 +23,7 @@ LAYERS: dict[str, int] = {
     "defenses": 6, "federated": 6,
     "assembly": 7,
     "experiment": 8,
-    "gallery": 9, "legacy": 9, "crashtest": 9, "sweeps": 9, "report": 9,
+    "gallery": 9, "legacy": 9, "crashtest": 9, "sweeps": 9, "report": 9, "prepare": 9,
     "cli": 10,
     "__init__": 11, "__main__": 11,
 }

@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from backdoors.assembly.artifact import defend, defense_key, reopen
+from backdoors.assembly.artifact import reopen
+from backdoors.assembly.defending import defend, defense_key
 from backdoors.config import Component, from_dict
 from backdoors.data.dataset import ArrayDataset
 from backdoors.defenses import (

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from backdoors.assembly.artifact import defend, reopen
+from backdoors.assembly.artifact import reopen
 from backdoors.assembly.build import build
+from backdoors.assembly.defending import defend
 from backdoors.config import from_dict
 from backdoors.data import Loader
 from backdoors.defenses.activation_clustering import Split, poisoned_clusters

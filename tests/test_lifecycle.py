@@ -14,7 +14,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from backdoors.assembly.artifact import defend, reopen
+from backdoors.assembly.artifact import reopen
+from backdoors.assembly.defending import defend
 from backdoors.cli import main
 from backdoors.config import from_dict
 from backdoors.defenses.runner import clean_budget

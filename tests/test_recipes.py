@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from backdoors.assembly.artifact import defend
+from backdoors.assembly.defending import defend
 from backdoors.config import from_dict
 from backdoors.data import TASKS
 from backdoors.defenses import DEFENSES

@@ -4,7 +4,7 @@ Public API: `load_config(path, overrides)`, `run(config)`, `resume(run_dir)`,
 `defend(run_dir, name, options)`, and the component registries.
 """
 
-from backdoors.assembly.artifact import defend
+from backdoors.assembly.defending import defend
 from backdoors.attacks import ATTACKS, BALANCERS, LOSS_TERMS
 from backdoors.config import load_config
 from backdoors.data import TASKS

@@ -23,19 +23,21 @@ from typing import Any
 import torch
 import yaml
 
-from backdoors.assembly.artifact import defend_all, write_artifact
+from backdoors.assembly.artifact import write_artifact
 from backdoors.assembly.build import (
     Components,
     build,
     fingerprint,
     load_start_weights,
     resolved_config,
+    saved_config,
     trigger_fingerprint,
 )
 from backdoors.assembly.data import mask_of, training_data
+from backdoors.assembly.defending import defend_all, defense_key
 from backdoors.assembly.loops import InnerLoop, make_loop
-from backdoors.config import Config, check_run_name, from_dict, read_yaml
-from backdoors.errors import BackdoorsError, ConfigError, Diverged, RunError, RunFailed
+from backdoors.config import Config, check_run_name
+from backdoors.errors import BackdoorsError, Diverged, RunError, RunFailed
 from backdoors.hooks import Hook, TensorBoardHook
 from backdoors.runs import (
     RunFolder,
@@ -76,34 +78,36 @@ def run(config: Config, out: str | Path = "runs", name: str | None = None,
     return defend_all(folder, config.defenses, quiet) if config.defenses else summary
 
 
-def resume(run_dir: str | Path, hooks: Sequence[Hook] = (), quiet: bool = False
-           ) -> dict[str, Any]:
+def resume(run_dir: str | Path, hooks: Sequence[Hook] = (), quiet: bool = False,
+           overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Continue a run from its last checkpoint commit (or from the start, if it was
-    killed before its first)."""
+    killed before its first). `overrides` may move it (`task.data_dir=...`)."""
     folder = RunFolder.existing(run_dir)
     with RunLock(folder.path, "resuming"):
         try:
             status = folder.read_summary().get("status")
         except RunError:  # a damaged summary is re-made from the log
             status = None
-        if status == "completed":
-            raise RunError(f"{folder.path} already completed; nothing to resume")
-        config = _saved_config(folder)
-        threads = folder.threads()
-        if threads is not None:  # float sums depend on the split over threads
-            torch.set_num_threads(threads)
-        comps = build(config, fresh=False)
-        resolved = resolved_config(config, comps)
-        summary = Lifecycle(config, comps, folder, fingerprint(resolved)).go(hooks, quiet)
+        config = saved_config(folder, overrides)
+        if status != "completed":
+            threads = folder.threads()
+            if threads is not None:  # float sums depend on the split over threads
+                torch.set_num_threads(threads)
+            comps = build(config, fresh=False)
+            resolved = resolved_config(config, comps)
+            summary = Lifecycle(config, comps, folder, fingerprint(resolved)).go(hooks, quiet)
+    if status == "completed":  # killed while its defenses ran, or nothing left to do
+        return _finish_defenses(folder, config, quiet)
     return defend_all(folder, config.defenses, quiet) if config.defenses else summary
 
 
-def _saved_config(folder: RunFolder) -> Config:
-    path = folder.path / "config.yaml"
-    try:
-        return from_dict(read_yaml(path))
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+def _finish_defenses(folder: RunFolder, config: Config, quiet: bool) -> dict[str, Any]:
+    """A completed run killed while its `defenses:` ran: run the ones missing."""
+    missing = [d for d in config.defenses
+               if not (folder.path / "defenses" / defense_key(d) / "result.json").is_file()]
+    if not missing:
+        raise RunError(f"{folder.path} already completed; nothing to resume")
+    return defend_all(folder, missing, quiet)
 
 
 class Lifecycle:

@@ -66,7 +66,8 @@ class TensorBoardHook(Hook):
             for key, value in figures.items():
                 if value is not None:
                     self.writer.add_scalar(f"Test/{key}/{name}", value, epoch)
-        self.writer.add_scalar("Train/lr", row["lr"], epoch)
+        # On the training-step axis, like the Train/Loss_* scalars it explains.
+        self.writer.add_scalar("Train/lr", row["lr"], row.get("global_step", epoch))
         if row.get("dp_epsilon") is not None:
             self.writer.add_scalar("Train/DP_epsilon", row["dp_epsilon"], epoch)
         self.writer.flush()

@@ -80,13 +80,13 @@ class Registry(Generic[T]):
         for key in kwargs:
             if key not in params:
                 raise ConfigError(
-                    f"unknown key '{key}' in {where} ({self.kind} '{name}')"
+                    f"unknown key '{key}' in {self._label(name, where)}"
                     f"{did_you_mean(key, params)}; expected one of: "
                     f"{', '.join(params) or '(no options)'}"
                 )
         for key, p in params.items():
             if p.default is inspect.Parameter.empty and key not in kwargs:
-                raise ConfigError(f"missing key '{key}' in {where} ({self.kind} '{name}')")
+                raise ConfigError(f"missing key '{key}' in {self._label(name, where)}")
         hints = type_hints(self._items[name])
         for key, value in kwargs.items():
             if key in hints and not matches_type(value, hints[key]):
@@ -99,4 +99,8 @@ class Registry(Generic[T]):
         try:
             return self._items[name](**kwargs, **injected)
         except ValueError as exc:
-            raise ConfigError(f"{where} ({self.kind} '{name}'): {exc}") from None
+            raise ConfigError(f"{self._label(name, where)}: {exc}") from None
+
+    def _label(self, name: str, where: str) -> str:
+        """`where (kind 'name')`, without saying the name twice when `where` has it."""
+        return where if f"'{name}'" in where else f"{where} ({self.kind} '{name}')"

@@ -9,8 +9,6 @@ what was trained. Defense results go to defenses/NAME/ and the run's summary.jso
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,28 +20,24 @@ from backdoors.assembly.build import (
     build,
     fingerprint,
     resolved_config,
+    saved_config,
     trigger_fingerprint,
 )
 from backdoors.assembly.data import TrainingData, evaluation_loaders, mask_of, training_data
-from backdoors.config import Component, Config, from_dict, read_yaml
+from backdoors.config import Component, Config
 from backdoors.data.augment import random_crop_flip
 from backdoors.data.dataset import ArrayDataset
-from backdoors.defenses import DEFENSES, DefenseTarget, Outcome, TrainingBudget
-from backdoors.defenses.figures import save_artifacts
-from backdoors.defenses.runner import run_defense
-from backdoors.defenses.scores import format_result
-from backdoors.errors import ConfigError, DataError, RunError
+from backdoors.defenses import DefenseTarget, TrainingBudget
+from backdoors.errors import DataError, RunError
 from backdoors.metrics import evaluate
 from backdoors.models import MODELS
 from backdoors.runs import (
     RunFolder,
-    RunLock,
     check_finite,
     load_commit,
     load_into,
     load_weights,
     save_weights,
-    state_of,
 )
 from backdoors.seeds import EVAL, stream
 from backdoors.synthesizers import Synthesizer
@@ -63,17 +57,15 @@ def write_artifact(folder: RunFolder, synthesizer: Synthesizer, attack: dict[str
     })
 
 
-def reopen(folder: RunFolder) -> DefenseTarget:
-    """A completed run as a DefenseTarget (loads the data again)."""
+def reopen(folder: RunFolder, overrides: Sequence[str] = ()) -> DefenseTarget:
+    """A completed run as a DefenseTarget (loads the data again); `overrides` may move
+    it (`task.data_dir=...`, see saved_config)."""
     status = folder.read_summary().get("status")
     if status != "completed":
         raise RunError(f"{folder.path} did not complete (status {status}); finish it with: "
                        f"backdoors train --resume {folder.path}")
     path = folder.path / "config.yaml"
-    try:
-        config = from_dict(read_yaml(path))
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    config = saved_config(folder, overrides)
     comps = build(config, fresh=False)
     commit = load_commit(folder)
     if commit is None:
@@ -133,67 +125,3 @@ def _target(config: Config, comps: Components, folder: RunFolder, clean: ArrayDa
         budget=TrainingBudget(config.train, augment), num_classes=comps.task.num_classes,
         input_shape=comps.task.input_shape, device=comps.device, seed=config.seed,
         batch_size=config.train.test_batch_size, federated=config.federated is not None)
-
-
-def defense_key(defense: Component) -> str:
-    """Where a defense's result lives: defenses/NAME/, or defenses/NAME-<hash>/ when it
-    was given options, so results under different options never overwrite each other."""
-    if not defense.kwargs:
-        return defense.name
-    text = json.dumps(defense.kwargs, sort_keys=True, default=str)
-    return f"{defense.name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
-
-
-def record(folder: RunFolder, defense: Component, outcome: Outcome) -> str:
-    """defenses/KEY/: result.json (with the options), PNG figures and, for a defense that
-    made a model, model.safetensors; the result also goes under `defenses` in
-    summary.json. Returns the key."""
-    key = defense_key(defense)
-    figures = {**outcome.figures, "options": defense.kwargs}
-    folder.write_json(f"defenses/{key}/result.json", figures)
-    save_artifacts(folder.path / "defenses" / key, outcome.artifacts, figures)
-    vectors = {k: v.detach().cpu().contiguous() for k, v in outcome.artifacts.items()
-               if v.dim() == 1}
-    if vectors:  # the raw scores, for reports (histograms by poisoned / clean)
-        save_weights(folder.path / "defenses" / key / "scores.safetensors", vectors)
-    if outcome.model is not None:
-        save_weights(folder.path / "defenses" / key / "model.safetensors",
-                     state_of(outcome.model))
-    summary = folder.read_summary()
-    summary.setdefault("defenses", {})[key] = figures
-    folder.write_summary(summary)
-    return key
-
-
-def defend(run_dir: Any, name: str, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run defense `name` (with constructor `kwargs`) on the completed run in `run_dir`;
-    return its figures."""
-    component = Component(name, dict(kwargs or {}))
-    defense = DEFENSES.build(name, component.kwargs, f"defense '{name}'")
-    folder = RunFolder.existing(run_dir)
-    with RunLock(folder.path, f"running defense {name}"):
-        outcome = run_defense(reopen(folder), defense)
-        record(folder, component, outcome)
-    return {**outcome.figures, "options": component.kwargs}
-
-
-def defend_all(folder: RunFolder, defenses: Sequence[Component], quiet: bool,
-               errors: dict[str, str] | None = None) -> dict[str, Any]:
-    """Defenses, in order, on the finished run (re-opened once); returns the summary.
-    With `errors`, a defense that fails is recorded there (key -> one line) and the others
-    still run; without, the failure is raised."""
-    with RunLock(folder.path, "running defenses"):
-        target = reopen(folder)
-        for i, d in enumerate(defenses):
-            try:
-                defense = DEFENSES.build(d.name, d.kwargs, f"defenses[{i}]")
-                outcome = run_defense(target, defense)
-                record(folder, d, outcome)
-            except Exception as exc:
-                if errors is None:
-                    raise
-                errors[defense_key(d)] = (str(exc).splitlines() or [type(exc).__name__])[0]
-                continue
-            if not quiet:
-                print(format_result(outcome.figures), flush=True)
-    return folder.read_summary()

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from backdoors.attacks import ATTACKS, Attack
-from backdoors.config import Component, Config
+from backdoors.config import Component, Config, apply_overrides, from_dict, read_yaml
+from backdoors.config.legacy_keys import legacy_error
 from backdoors.data import TASKS, Task
 from backdoors.defenses import DEFENSES, Defense
 from backdoors.defenses.runner import check_fits
@@ -21,7 +24,7 @@ from backdoors.errors import ConfigError
 from backdoors.federated import AGGREGATORS, Aggregator
 from backdoors.models import MODELS
 from backdoors.registry import Registry
-from backdoors.runs import check_finite, load_into, load_weights
+from backdoors.runs import RunFolder, check_finite, load_into, load_weights
 from backdoors.seeds import DP_NOISE, derive
 from backdoors.synthesizers import SYNTHESIZERS, Synthesizer
 from backdoors.training.dp import DPSGD
@@ -29,11 +32,16 @@ from backdoors.training.optim import resolve_device
 
 PRETRAINED_DIR = Path("~/.cache/backdoors/pretrained").expanduser()
 # Keys that say where or how a run is watched, not what is trained: a run folder may be
-# moved to other data paths or devices and still be the same experiment.
+# moved to other data paths or devices and still be the same experiment. File paths of
+# data and trigger images are left out at any depth (the trigger's fingerprint covers
+# what a trigger image holds).
 UNFINGERPRINTED = {"name": None, "defenses": None,
-                   "task": ("data_dir",), "train": ("device", "progress", "tensorboard",
-                                                    "log_interval", "save_on_epochs",
-                                                    "test_batch_size")}
+                   "train": ("device", "progress", "tensorboard", "log_interval",
+                             "save_on_epochs", "test_batch_size")}
+WHERE_KEYS = ("data_dir", "image")
+# Paths written absolute in a run's config.yaml, so the folder works from any directory.
+PATH_KEYS = (("task", "data_dir"), ("synthesizer", "image"), ("train", "pretrained"),
+             ("train", "resume_model"))
 
 
 @dataclass
@@ -52,7 +60,15 @@ def build(config: Config, fresh: bool = True) -> Components:
     """Construct and cross-check every component; loads no data. `fresh`: for a new run,
     whose start weights (train.pretrained, resume_model) must exist; a run re-opened for
     resume or defenses has its own weights, and falls back to `auto` when the device it
-    was trained on is missing here."""
+    was trained on is missing here. Errors in a config converted from a Backdoors 101
+    flat file name the legacy key."""
+    try:
+        return _build(config, fresh)
+    except ConfigError as exc:
+        raise (legacy_error(exc) if config.legacy_source else exc) from None
+
+
+def _build(config: Config, fresh: bool) -> Components:
     task = TASKS.build(config.task.name, config.task.kwargs, "task")
     try:
         device = resolve_device(config.train.device)
@@ -113,7 +129,20 @@ def resolved_config(config: Config, comps: Components) -> dict[str, Any]:
     if config.federated is not None:
         fed = out["federated"]
         fed["aggregator"] = _with_defaults(AGGREGATORS, fed["aggregator"])
+    for section, key in PATH_KEYS:
+        if key in out[section]:
+            out[section][key] = _absolute(out[section][key])
+    source = out["synthesizer"].get("source_task")
+    if isinstance(source, dict) and "data_dir" in source:
+        source["data_dir"] = _absolute(source["data_dir"])
     return out
+
+
+def _absolute(value: Any) -> Any:
+    """An absolute path for a relative one (`auto` and non-paths as they are)."""
+    if not isinstance(value, str) or value in ("auto", ""):
+        return value
+    return str(Path(value).expanduser().resolve())
 
 
 def _with_defaults(registry: Registry[Any], given: dict[str, Any]) -> dict[str, Any]:
@@ -131,7 +160,15 @@ def fingerprint(resolved: dict[str, Any]) -> str:
         drop = UNFINGERPRINTED.get(section) or ()
         kept[section] = {k: v for k, v in value.items() if k not in drop} \
             if isinstance(value, dict) else value
-    return _digest(json.dumps(kept, sort_keys=True, default=str).encode())
+    return _digest(json.dumps(_without_where(kept), sort_keys=True, default=str).encode())
+
+
+def _without_where(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_where(v) for k, v in value.items() if k not in WHERE_KEYS}
+    if isinstance(value, list):
+        return [_without_where(v) for v in value]
+    return value
 
 
 def trigger_fingerprint(synthesizer: Synthesizer) -> str:
@@ -193,3 +230,25 @@ def load_start_weights(config: Config, comps: Components) -> int | None:
     data = torch.load(path, map_location="cpu", weights_only=True)
     epoch = data.get("epoch", 0) if isinstance(data, dict) else 0
     return max(config.train.start_epoch, int(epoch) + 1) if isinstance(epoch, int) else None
+
+
+def saved_config(folder: RunFolder, overrides: Sequence[str] = ()) -> Config:
+    """A run's config.yaml, moved by `overrides` (`task.data_dir=...`, the device): an
+    override that would change what the run trained is refused; accepted ones are written
+    back to config.yaml, so the folder keeps working without them."""
+    path = folder.path / "config.yaml"
+    try:
+        data = read_yaml(path)
+        config = from_dict(apply_overrides(data, list(overrides)))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if overrides:
+        before = from_dict(data)
+        comps = build(config, fresh=False)
+        if fingerprint(resolved_config(config, comps)) != fingerprint(
+                resolved_config(before, build(before, fresh=False))):
+            raise ConfigError(f"--set {' '.join(overrides)} would change what {folder.path} "
+                              "trained; only data paths, the device and logging options may "
+                              "change")
+        folder.write_config(yaml.safe_dump(resolved_config(config, comps), sort_keys=False))
+    return config

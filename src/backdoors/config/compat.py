@@ -35,7 +35,8 @@ NATIVE_SECTIONS = frozenset({"name", "seed", "task", "model", "train", "synthesi
 
 TASKS = {"mnist": "mnist", "cifar10": "cifar10", "imagenet": "image_folder",
          "multimnist": "multimnist", "pipa": "pipa", "cifarfed": "cifar10"}
-SYNTHESIZERS = {"pattern": "pattern", "singlepixel": "single_pixel", "complex": "complex"}
+SYNTHESIZERS = {"pattern": "pattern", "singlepixel": "single_pixel", "complex": "complex",
+                "physical": "physical"}
 
 
 def is_legacy(data: dict[str, Any]) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import yaml
 
 from backdoors.config.compat import convert_legacy, is_legacy
 from backdoors.config.federated import FederatedConfig, check_federated_train, parse_federated
+from backdoors.config.legacy_keys import NATIVE_KEYS, legacy_error
 from backdoors.config.sections import Component, parse_component, parse_section
 from backdoors.config.train import TrainConfig
 from backdoors.config.yaml12 import load_yaml
@@ -45,6 +46,9 @@ class Config:
     attack: Component
     defenses: tuple[Component, ...] = ()
     federated: FederatedConfig | None = None
+    # A Backdoors 101 flat file this config was converted from, so that errors found
+    # later (when components are built) can name the keys the user wrote.
+    legacy_source: str | None = field(default=None, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data, as written to a run's config.yaml."""
@@ -152,7 +156,7 @@ def from_dict(data: dict[str, Any]) -> Config:
     """Validate a native config mapping (structure and types; components by name)."""
     for key in data:
         if key not in SECTIONS:
-            raise ConfigError(f"unknown section '{key}'{did_you_mean(str(key), SECTIONS)}; "
+            raise ConfigError(f"unknown section '{key}'{_section_hint(str(key))}; "
                               f"expected: {', '.join(SECTIONS)}")
     if "task" not in data:
         raise ConfigError("missing section 'task' (e.g. task: {name: digits})")
@@ -180,6 +184,18 @@ def from_dict(data: dict[str, Any]) -> Config:
     )
 
 
+def _section_hint(key: str) -> str:
+    """A did-you-mean for an unknown section: a section name, a train option given at the
+    top level (`epochs` for `train.epochs`), or a Backdoors 101 key's native name."""
+    near = did_you_mean(key, SECTIONS)
+    if near:
+        return near
+    if key in {f.name for f in dataclasses.fields(TrainConfig)}:
+        return f" (did you mean 'train.{key}'?)"
+    native = NATIVE_KEYS.get(key)
+    return f" (the Backdoors 101 key '{key}' is '{native}' here)" if native else ""
+
+
 def _defenses(data: Any) -> tuple[Component, ...]:
     """`defenses:` is a list of components run, in order, after training."""
     if data is None:
@@ -198,4 +214,9 @@ def native_data(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a native or legacy YAML file, apply `--set` overrides, validate structure."""
-    return from_dict(apply_overrides(native_data(path), overrides or []))
+    legacy = is_legacy(read_yaml(path))
+    try:
+        config = from_dict(apply_overrides(native_data(path), overrides or []))
+    except ConfigError as exc:
+        raise (legacy_error(exc) if legacy else exc) from None
+    return dataclasses.replace(config, legacy_source=str(path)) if legacy else config

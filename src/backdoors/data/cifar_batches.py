@@ -4,6 +4,7 @@ batch at fault."""
 
 from __future__ import annotations
 
+import codecs
 import pickle
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ _RECORD = 1 + 3 * 32 * 32  # binary format: one label byte, then 3072 pixel byte
 # Everything a pickled dict of numpy arrays needs; the files were written by Python 2 numpy,
 # hence the old `numpy.core` module name. Any other global (os.system, ...) is refused.
 _ALLOWED_GLOBALS = {
+    # Python 3 writes bytes into protocol-2 pickles as _codecs.encode(text, "latin1"),
+    # which only turns a string into bytes (torch's weights_only loader allows it too).
+    ("_codecs", "encode"): codecs.encode,
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy", "ndarray"): np.ndarray,

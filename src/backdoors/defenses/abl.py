@@ -97,7 +97,8 @@ class AntiBackdoorLearning(TrainingDefense):
         def fit(dataset: ArrayDataset, rounds: int, gamma: float | None) -> None:
             loader = Loader(dataset, tc.batch_size, data.device, shuffle=True,
                             generator=data.generator, augment=budget.augment)
-            for _ in range(rounds):
+            what = "isolating (gradient ascent below gamma)" if gamma is not None else "training"
+            for _ in data.progress.phase(range(rounds), what):
                 model.train()
                 for batch in loader:
                     loss = F.cross_entropy(model(batch.inputs), batch.labels)
@@ -128,7 +129,7 @@ class AntiBackdoorLearning(TrainingDefense):
                         generator=data.generator)
         start = kept = accuracy(model, data.clean, data)
         steps = 0
-        for _ in range(self.unlearning_epochs):
+        for _ in data.progress.phase(range(self.unlearning_epochs), "unlearning isolated"):
             for batch in loader:
                 saved = copy.deepcopy(model.state_dict())
                 model.train()

@@ -196,7 +196,8 @@ class ANP(ModelRepair):
         noise_opt = torch.optim.SGD(neurons.noise, lr=self.eps)
         batches = _cycle(data, self.batch_size)
         with neurons.applied():
-            for _ in range(self.iterations):
+            for _ in data.progress.phase(range(self.iterations),
+                                         "optimising neuron masks under perturbation"):
                 x, y = next(batches)
                 loss_rob = torch.zeros((), device=x.device)
                 if self.eps > 0:
@@ -233,6 +234,12 @@ class ANP(ModelRepair):
             chosen[flat.argsort()[: int(self.fraction * len(flat))]] = True
         parts = chosen.split([m.numel() for m in masks])
         return [p.view(m.shape) for p, m in zip(parts, masks, strict=True)]
+
+    def restore(self, model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
+        """Re-wrap the pruned layers (each saved with a `keep` buffer), then load."""
+        names = [k.removesuffix(".keep") for k in state if k.endswith(".keep")]
+        prune_neurons(model, names, [state[f"{n}.keep"] == 0 for n in names])
+        return super().restore(model, state)
 
     def repair(self, model: nn.Module, data: DefenseData) -> Repaired:
         neurons = self.optimize_masks(model, data)

@@ -21,9 +21,11 @@ from torch import Tensor, nn
 from backdoors.data.dataset import ArrayDataset, Dataset
 from backdoors.data.loader import Loader
 from backdoors.defenses.measure import detection, input_detection, mitigation, recall_at, removal
+from backdoors.defenses.progress import SILENT, Progress
 from backdoors.defenses.results import Inspection, Outcome, Repaired, Sanitized, Trained
 from backdoors.defenses.target import DefenseTarget, TrainingBudget
 from backdoors.registry import Registry
+from backdoors.runs import load_into
 
 DEFENSES: Registry[Defense] = Registry("defense")
 
@@ -41,6 +43,7 @@ class DefenseData:
     generator: torch.Generator
     train: Dataset | None = None
     batch_size: int = 128
+    progress: Progress = SILENT  # shows long phases on a terminal
 
     def loader(self, ds: Dataset, shuffle: bool = False, augment: Any = None) -> Loader:
         return Loader(ds, self.batch_size, self.device, shuffle=shuffle,
@@ -69,6 +72,13 @@ class Defense(ABC):
         """Run the defense on `model` (a copy of the attacked one, which scored `before`)
         and judge it."""
 
+    def restore(self, model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
+        """The model this defense made, rebuilt from its saved weights `state` on `model`
+        (a copy of the attacked one), so another defense can run on it. A defense that
+        changes the architecture (pruning masks, inserted layers) rebuilds it here."""
+        load_into(model, state, f"the model {self.name} made")
+        return model
+
 
 class InputDetector(Defense):
     """Scores test-time inputs: higher = more likely triggered (STRIP, SentiNet, ...)."""
@@ -85,7 +95,7 @@ class InputDetector(Defense):
     def measure(self, model: nn.Module, data: DefenseData, target: DefenseTarget,
                 before: dict[str, Any]) -> Outcome:
         self.fit(model, data)
-        figures, scores, positive = input_detection(self.score, model, target)
+        figures, scores, positive = input_detection(self.score, model, target, data.progress)
         return Outcome(figures=figures, artifacts={"scores": scores, "positive": positive})
 
 

@@ -96,13 +96,20 @@ class FinePruning(ModelRepair):
         mask = torch.ones(mean.shape)
         flat = mask.view(-1)
         base_acc = _masked_accuracy(model, fmap, labels, mask, data)
-        for c in order[: int(self.max_ratio * len(order))].tolist():
+        candidates = order[: int(self.max_ratio * len(order))].tolist()
+        for c in data.progress.phase(candidates, "pruning dormant neurons"):
             flat[c] = 0.0
             drop = base_acc - _masked_accuracy(model, fmap, labels, mask, data)
             if drop > self.max_accuracy_drop:
                 flat[c] = 1.0
                 break
         return mask
+
+    def restore(self, model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
+        """Re-append the saved channel mask (`body.1.mask`), then load the weights."""
+        if "body.1.mask" in state:
+            prune(model, state["body.1.mask"])
+        return super().restore(model, state)
 
     def repair(self, model: nn.Module, data: DefenseData) -> Repaired:
         model = copy.deepcopy(model)

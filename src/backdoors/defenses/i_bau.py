@@ -174,7 +174,7 @@ class IBAU(ModelRepair):
         norms = []
         batches = _cycle(loader)
         steps = len(loader) if self.perturbation_steps is None else self.perturbation_steps
-        for _ in range(self.rounds):
+        for _ in data.progress.phase(range(self.rounds), "unlearning a shared perturbation"):
             delta = self.perturbation(model, batches, steps, data)
             norms.append(float(delta.norm()))
             for batch in loader:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from backdoors.defenses.progress import SILENT, Progress
 from backdoors.defenses.scores import auroc, der, tpr_at_fpr
 from backdoors.defenses.target import DefenseTarget
 from backdoors.seeds import DEFENSE, stream
@@ -57,17 +58,18 @@ def recall_at(scores: Tensor, poisoned: Tensor, factor: float) -> float | None:
 
 
 @torch.no_grad()
-def input_detection(score: Any, model: nn.Module, target: DefenseTarget
-                    ) -> tuple[dict[str, Any], Tensor, Tensor]:
+def input_detection(score: Any, model: nn.Module, target: DefenseTarget,
+                    progress: Progress = SILENT) -> tuple[dict[str, Any], Tensor, Tensor]:
     """Score clean test inputs against triggered test inputs whose label is not the
     backdoor label; `score(model, x)` is the detector's suspicion per input. Returns the
     detection figures, the scores and which of them are triggered."""
     synth = target.synthesizer
     gen = stream(target.seed, DEFENSE)
     clean_scores, trig_scores = [], []
-    for batch in target.test_loader:
+    for batch in progress.phase(target.test_loader, "scoring clean test inputs"):
         clean_scores.append(score(model, batch.inputs).cpu())
-    for batch in target.backdoor_loader or target.test_loader:
+    for batch in progress.phase(target.backdoor_loader or target.test_loader,
+                                "scoring triggered test inputs"):
         keep = synth.counted(batch) & synth.eligible(batch)
         if int(keep.sum()) == 0:
             continue

@@ -145,7 +145,9 @@ class NeuralCleanse(ModelInspector):
         for p in model.parameters():  # only the trigger is optimised
             p.requires_grad_(False)
         try:
-            found = [self.reverse(model, data, t) for t in range(data.num_classes)]
+            found = [self.reverse(model, data, t) for t in data.progress.phase(
+                range(data.num_classes), f"reversing the trigger of each class "
+                f"({self.steps} steps at most)")]
         finally:
             for p, flag in zip(model.parameters(), frozen, strict=True):
                 p.requires_grad_(flag)

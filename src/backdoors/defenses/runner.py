@@ -18,6 +18,7 @@ import torch
 from backdoors.data.dataset import ArrayDataset
 from backdoors.defenses.base import Defense, DefenseData
 from backdoors.defenses.measure import headline
+from backdoors.defenses.progress import Progress
 from backdoors.defenses.results import Outcome
 from backdoors.defenses.target import DefenseTarget
 from backdoors.errors import ConfigError
@@ -56,6 +57,7 @@ def defense_data(target: DefenseTarget, defense: Defense) -> DefenseData:
         generator=stream(target.seed, DEFENSE),
         train=target.train if defense.uses_training_set else None,
         batch_size=target.batch_size,
+        progress=Progress(defense.name),
     )
 
 

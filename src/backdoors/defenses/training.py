@@ -52,7 +52,7 @@ def finetune(
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                 nesterov=nesterov)
     model.train()
-    for epoch in range(epochs):
+    for epoch in data.progress.phase(range(epochs), f"fine-tuning on {len(dataset)} images"):
         if lr_drop_epoch is not None and epoch == lr_drop_epoch:
             for group in optimizer.param_groups:
                 group["lr"] = lr / 10

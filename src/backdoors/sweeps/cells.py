@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from backdoors.assembly.artifact import defend_all, defense_key
 from backdoors.assembly.build import build, fingerprint, resolved_config
+from backdoors.assembly.defending import defend_all, defense_key
 from backdoors.config import Component, from_dict
 from backdoors.defenses import DEFENSES
 from backdoors.defenses.runner import check_fits

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import signal
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
 
 import torch
@@ -27,41 +27,64 @@ def local_threads(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
-def _worker_start(gpus: Any) -> None:
-    """In each pool process: die with the sweep (no orphan keeps training a cell after
-    the sweep was killed), and take a GPU of its own when there are several."""
+def _die_with_parent() -> None:
+    """No orphan keeps training a cell after the sweep was killed (Linux)."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-    if gpus is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus.get())
+
+
+def _cell_process(job: CellJob, results: Any, gpu: int | None) -> None:
+    """A worker: one cell in a fresh process, its outcome sent back on `results`."""
+    _die_with_parent()
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    results.put(run_cell(job))
 
 
 def local(jobs: list[CellJob], workers: int) -> Iterator[CellOutcome]:
-    """A pool of `workers` spawned processes (spawn: no state shared with the parent)."""
+    """At most `workers` cells at a time, each in a spawned process of its own: no state
+    passes from one cell to the next, a worker that dies fails only its cell, and
+    stopping the sweep stops every worker at once (their runs resume on relaunch)."""
     ctx = multiprocessing.get_context("spawn")
-    gpus = None
-    if torch.cuda.is_available() and torch.cuda.device_count() > 1:
-        gpus = ctx.Queue()
-        for i in range(workers):
-            gpus.put(i % torch.cuda.device_count())
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_start,
-                               initargs=(gpus,))
-    futures: dict[Future[CellOutcome], CellJob] = {pool.submit(run_cell, j): j for j in jobs}
+    results = ctx.Queue()
+    gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    pending, running = list(jobs), {}
     try:
-        while futures:
-            finished, _ = wait(futures, return_when=FIRST_COMPLETED)
-            for future in finished:
-                job = futures.pop(future)
-                try:
-                    yield future.result()
-                except Exception as exc:  # noqa: BLE001 - a dead worker fails its cell only
-                    yield CellOutcome(job.cell_id, "failed", f"worker died: {exc}")
+        while pending or running:
+            while pending and len(running) < workers:
+                job = pending.pop(0)
+                gpu = gpus.pop(0) if gpus else None
+                process = ctx.Process(target=_cell_process, args=(job, results, gpu))
+                process.start()
+                running[job.cell_id] = (process, job, gpu)
+            try:
+                outcome = results.get(timeout=0.5)
+            except queue.Empty:
+                yield from _dead(running, gpus)
+                continue
+            process, _, gpu = running.pop(outcome.cell_id)
+            process.join()
+            if gpu is not None:
+                gpus.append(gpu)
+            yield outcome
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        for process, _, _ in running.values():
+            process.kill()
+            process.join()
+
+
+def _dead(running: dict[str, Any], gpus: list[int]) -> Iterator[CellOutcome]:
+    """Outcomes for workers that died without reporting (killed, out of memory)."""
+    for cell_id, (process, _, gpu) in list(running.items()):
+        if not process.is_alive() and process.exitcode not in (0, None):
+            running.pop(cell_id)
+            if gpu is not None:
+                gpus.append(gpu)
+            yield CellOutcome(cell_id, "failed", f"worker died (exit code {process.exitcode})")
 
 
 def ray(jobs: list[CellJob], address: str | None, cpus: int, gpus: float

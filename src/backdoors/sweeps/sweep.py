@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from backdoors.assembly.artifact import defense_key
+from backdoors.assembly.defending import defense_key
 from backdoors.errors import ConfigError, RunError
 from backdoors.runs import RunFolder, RunLock
 from backdoors.sweeps import engines

@@ -74,6 +74,7 @@ class EpochLoop:
         lr = self.optimizer.param_groups[0]["lr"]
         stats = self.trainer.train_epoch(epoch, on_step)
         row = epoch_row(epoch, lr, stats, self.trainer.evaluate())
+        row["global_step"] = epoch * self.steps_per_unit
         if isinstance(self.attack, DPSGD):
             tc = self.tc
             row["dp_epsilon"] = epsilon(tc.dp_sigma, sample_rate(tc.batch_size, self.train_size),
