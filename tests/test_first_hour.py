@@ -41,7 +41,8 @@ def attacked(tiny: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPat
         big = np.zeros((len(ds), 28, 28), dtype=np.uint8)
         big[:, 6:22, 6:22] = ds.images[:, 0].numpy()
         write_idx(Path("data") / f"{split}-images-idx3-ubyte.gz", big)
-        write_idx(Path("data") / f"{split}-labels-idx1-ubyte.gz", ds.labels.numpy().astype(np.uint8))
+        labels = ds.labels.numpy().astype(np.uint8)
+        write_idx(Path("data") / f"{split}-labels-idx1-ubyte.gz", labels)
     tiny.update(task={"name": "mnist", "data_dir": "data"}, model={"name": "tiny_cnn"},
                 attack={"name": "data", "ratio": 0.1})
     tiny["train"].update(epochs=2, batch_size=32)
