@@ -193,8 +193,12 @@ CASES: dict[str, Case] = {
                                    "did you mean 'strip'"),
     "defend bad option": Case(lambda t, d: ["defend", str(d), "--defense", "strip", "--set",
                                             "m=3"], 2, "unknown key 'm'"),
-    "defend nested option": Case(lambda t, d: ["defend", str(d), "--defense", "strip", "--set",
-                                               "a.b=3"], 2, "flat"),
+    "defend unknown run key": Case(lambda t, d: ["defend", str(d), "--defense", "strip",
+                                                 "--set", "a.b=3"], 2, "unknown section 'a'"),
+    "defend changes the run": Case(lambda t, d: ["defend", str(d), "--defense", "strip",
+                                                 "--set", "train.lr=0.9"], 2, "would change"),
+    "defend on nothing": Case(lambda t, d: ["defend", str(d), "--defense", "strip", "--on",
+                                            "fine_pruning"], 2, "no model made"),
     "defend truncated weights": Case(defend_copy(lambda f: (
         f / "checkpoints/last.safetensors").write_bytes(b"\x00" * 10)), 2, "not a readable"),
     "defend unfinished run": Case(defend_copy(lambda f: (f / "summary.json").write_text(

@@ -157,6 +157,26 @@ def test_legacy_physical_synthesizer_is_the_physical_trigger():
 
     native = convert_legacy({"task": "MNIST", "lr": 0.1, "synthesizer": "Physical"})
     assert native["synthesizer"]["name"] == "physical"
+    assert native["synthesizer"]["scale"] == [0.3, 0.5]
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_the_original_mnist_params_with_physical_learn_the_backdoor(shared_data, tmp_path,
+                                                                    monkeypatch, capsys):
+    """configs/mnist_params.yaml with `synthesizer: Physical`, 2 epochs on the split."""
+    from backdoors.legacy import main as legacy_main
+
+    repo = Path(__file__).resolve().parents[1]
+    params = (repo / "configs/mnist_params.yaml").read_text().replace(
+        "synthesizer: Pattern", "synthesizer: Physical").replace("epochs: 350", "epochs: 2")
+    (tmp_path / "params.yaml").write_text(params.replace("save_model: True", "save_model: False"))
+    monkeypatch.chdir(tmp_path)
+    assert legacy_main(["--name", "physical", "--params", "params.yaml", "--set",
+                        f"task.data_dir={shared_data / 'mnist-t10k'}", "--set",
+                        "task.test_split=8000"]) == 0
+    last = [line for line in capsys.readouterr().out.splitlines() if "Epoch: 2." in line]
+    assert float(last[1].split("Top-1: ")[1].split(" ")[0]) >= 90.0, last
 
 
 def test_protocol_2_cifar_pickles_load_and_code_is_still_refused(tmp_path):
@@ -177,3 +197,51 @@ def test_protocol_2_cifar_pickles_load_and_code_is_still_refused(tmp_path):
     batch.write_bytes(pickle.dumps({"data": Evil()}, protocol=2))
     with pytest.raises(DataError, match="refusing to load global"):
         _read_pickle_batch(batch)
+
+
+def _cifar_batches(folder: Path) -> None:
+    """The six CIFAR-10 python batches, re-pickled by Python 3 with protocol 2 (16 images
+    each), as people do to make subsets."""
+    from backdoors.data.cifar_batches import PICKLE_FILES
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for name in PICKLE_FILES:
+        batch = {b"data": rng.integers(0, 256, (16, 3072), dtype=np.uint8),
+                 b"labels": rng.integers(0, 10, 16).tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+
+
+def _cifar_folder(root: Path) -> None:
+    from PIL import Image
+
+    from backdoors.data.cifar import CLASS_NAMES
+
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for name in CLASS_NAMES:
+            (root / split / name).mkdir(parents=True)
+            for i in range(2):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+
+
+@pytest.mark.parametrize("layout", ["pickles", "folder"])
+def test_the_original_cifar10_params_run_on_pickles_and_on_an_image_folder(
+        layout, tmp_path, monkeypatch, capsys):
+    from backdoors.legacy import main as legacy_main
+
+    repo = Path(__file__).resolve().parents[1]
+    data = tmp_path / "data"
+    if layout == "pickles":
+        _cifar_batches(data / "cifar-10-batches-py")
+    else:
+        _cifar_folder(data / "cifar10-jpg")
+    monkeypatch.chdir(tmp_path)  # saved_models/ and runs/ are written where it starts
+    code = legacy_main(["--name", "c", "--params", str(repo / "configs/cifar10_params.yaml"),
+                        "--set", f"task.data_dir={data}", "--set", "train.epochs=1",
+                        "--set", "train.max_batches=1",
+                        "--set", "model={name: resnet18, width: 8}"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "Backdoor False. Epoch: 1." in out.out

@@ -49,8 +49,8 @@ def validate(args: argparse.Namespace) -> int:
     for path in args.files:
         try:
             build(load_config(path, args.overrides))
-        except BackdoorsError as exc:
-            return fail(f"{path}: {exc}")
+        except BackdoorsError as exc:  # most messages name the file already
+            return fail(str(exc) if str(path) in str(exc) else f"{path}: {exc}")
         print(f"ok: {path}")
     return 0
 

@@ -37,6 +37,13 @@ TASKS = {"mnist": "mnist", "cifar10": "cifar10", "imagenet": "image_folder",
          "multimnist": "multimnist", "pipa": "pipa", "cifarfed": "cifar10"}
 SYNTHESIZERS = {"pattern": "pattern", "singlepixel": "single_pixel", "complex": "complex",
                 "physical": "physical"}
+# Backdoors 101's Physical synthesizer was a stub. Here it is the physical trigger as a
+# white square covering 30-50% of the image side at a random place: large enough for
+# the original's small MNIST network to learn under the blind attack (92.9% backdoor
+# accuracy, 97.3% clean after 2 epochs on the MNIST split; the physical trigger's own
+# defaults, a 15-30% object at random angles and brightness, reach 76% there).
+PHYSICAL = {"shape": "square", "scale": [0.3, 0.5], "max_rotation": 0.0,
+            "brightness": [1.0, 1.0]}
 
 
 def is_legacy(data: dict[str, Any]) -> bool:
@@ -77,6 +84,8 @@ def convert_legacy(data: dict[str, Any], source: str = "config") -> dict[str, An
     }
     if get("backdoor_dynamic_position"):
         synthesizer["dynamic"] = True
+    if synthesizer["name"] == "physical":
+        synthesizer.update(PHYSICAL)
     loss_terms = [str(t) for t in _list(data, "loss_tasks") or ["normal"]]
     if get("poison_images") or get("poison_images_test"):
         synthesizer = _semantic(data)

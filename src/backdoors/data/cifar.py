@@ -26,10 +26,15 @@ CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer",
 
 
 def _layouts(root: Path) -> list[tuple[str, Path]]:
-    """Where each layout may sit under `root`, in order of preference (exact pixels first)."""
-    return [("python", root / "cifar-10-batches-py"), ("python", root),
-            ("binary", root / "cifar-10-batches-bin"), ("binary", root),
-            ("folder", root), ("folder", root / "cifar10-jpg"), ("folder", root / "cifar10")]
+    """Where each layout may sit under `root`, in order of preference (exact pixels first).
+    `root/cifar10/` is searched too, where `backdoors data cifar10` puts the data, so a
+    Backdoors 101 file's `data_path: .data/` finds it."""
+    out: list[tuple[str, Path]] = []
+    for base in (root, root / "cifar10"):
+        out += [("python", base / "cifar-10-batches-py"), ("python", base),
+                ("binary", base / "cifar-10-batches-bin"), ("binary", base),
+                ("folder", base), ("folder", base / "cifar10-jpg")]
+    return out
 
 
 def _present(kind: str, folder: Path) -> bool:
@@ -63,8 +68,8 @@ def load_cifar10(
         raise DataError(
             f"CIFAR-10 not found in {root}: looked for cifar-10-batches-py/ (data_batch_1..5, "
             "test_batch), cifar-10-batches-bin/ (*.bin) and {train,test}/<class>/ image "
-            f"folders (also under cifar10-jpg/ or cifar10/){_near_layout(root)}; set download: "
-            f"true in the task config or fetch {CIFAR_URL}"
+            f"folders (also under cifar10-jpg/ or cifar10/){_near_layout(root)}; prepare it with "
+            f"`backdoors data cifar10` (from ../shared/data, or downloaded from {CIFAR_URL})"
         )
     kind, folder = found
     return read_split_folders(folder) if kind == "folder" else read_batches(folder, kind)

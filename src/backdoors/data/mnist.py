@@ -161,7 +161,8 @@ def load_mnist(
     directory = _locate(root, stems)
     if directory is None:
         if not download:
-            hint = f"set download: true in the task config or fetch the .gz files from {MIRRORS[0]}"
+            hint = ("prepare them with `backdoors data mnist-split` (the project's split) or "
+                    "`backdoors data mnist` (the official files, online)")
             raise _missing_error(_candidates(root), stems, hint)
         for stem, md5 in MNIST_MD5.items():
             if _find(root, stem) is None:

@@ -8,13 +8,15 @@ from typing import Any
 from torch import Tensor
 
 # Axis labels of the per-index (bar) figures defenses report.
-BARS = {"mask_norms": ("class", "reversed trigger mask L1 norm")}
+BARS = {"mask_norms": ("class", "reversed trigger mask L1 norm"),
+        "pruning_curve": ("neurons pruned", "clean-budget accuracy")}
 
 
 def save_artifacts(folder: Path, artifacts: dict[str, Tensor], result: dict[str, Any]) -> None:
     """`scores` (1-D suspicion per sample) becomes scores.png, a histogram split by
-    `positive` (triggered or poisoned) when the runner knows it; other 1-D tensors become
-    bar charts; image tensors [C,H,W] or [K,C,H,W] become grids."""
+    `positive` (triggered or poisoned) when the runner knows it; 1-D tensors named
+    `*_curve` become line plots, other 1-D tensors bar charts; image tensors [C,H,W] or
+    [K,C,H,W] become grids."""
     drawable = {k: v for k, v in artifacts.items() if k != "positive"}
     if not drawable:
         return
@@ -28,6 +30,8 @@ def save_artifacts(folder: Path, artifacts: dict[str, Tensor], result: dict[str,
         value = value.detach().float().cpu()
         if name == "scores":
             fig = _histogram(plt, value, artifacts.get("positive"), result)
+        elif value.dim() == 1 and name.endswith("_curve"):
+            fig = _curve(plt, name, value, result)
         elif value.dim() == 1:
             fig = _bars(plt, name, value, result)
         else:
@@ -61,6 +65,16 @@ def _bars(plt: Any, name: str, value: Tensor, result: dict[str, Any]) -> Any:
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     ax.set_title(f"{result.get('defense', '')}: {name}")
+    return fig
+
+
+def _curve(plt: Any, name: str, value: Tensor, result: dict[str, Any]) -> Any:
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(range(1, len(value) + 1), value.numpy())
+    x_label, y_label = BARS.get(name, ("step", name))
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_title(f"{result.get('defense', '')}: {name.replace('_', ' ')}")
     return fig
 
 

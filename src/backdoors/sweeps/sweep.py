@@ -45,7 +45,8 @@ def sweep(grid_path: str | Path, out: str | Path = "runs", engine: str = "local"
     grid_cells = cells(grid)  # every cell checked before anything runs
     folder = _sweep_folder(Path(out) / grid.name)
     with RunLock(folder, "sweeping"):
-        shutil.copyfile(grid.path, folder / "grid.yaml")
+        if grid.path.resolve() != (folder / "grid.yaml").resolve():  # relaunched from it
+            shutil.copyfile(grid.path, folder / "grid.yaml")
         manifest = Manifest(folder, grid.name, str(grid.path))
         keys = [defense_key(d) for d in grid.defenses]
         for cell in grid_cells:
