@@ -40,8 +40,11 @@ EFFECTIVE: dict[str, dict[str, Any]] = {
     "narcissus": {**CPU, "surrogate_epochs": 2, "trigger_steps": 40, "step_size": 2 / 255},
     "trojan_nn": {**CPU, "surrogate_epochs": 2, "trigger_steps": 40, "trigger_lr": 0.1,
                   "size": 6},
-    "input_aware": {**CPU, "surrogate_epochs": 8, "mask_epochs": 3, "width": 8,
-                    "backdoor_ratio": 0.3, "cross_ratio": 0.4, "generator_lr": 0.02},
+    # Enough mask steps (10 epochs of 16 batches) that every input gets a non-empty mask;
+    # 3 epochs left empty or one-pixel masks, and the surrogate then learnt no trigger.
+    "input_aware": {**CPU, "batch_size": 32, "mask_epochs": 10, "surrogate_epochs": 8,
+                    "width": 8, "mask_density": 0.06, "backdoor_ratio": 0.5, "cross_ratio": 0.3,
+                    "surrogate_lr": 0.02},
     "adaptive_blend": {},
     "low_frequency": {**CPU, "surrogate_epochs": 2, "trigger_steps": 60, "epsilon": 0.1},
 }

@@ -72,7 +72,10 @@ class InputAwareSynthesizer(OptimisedSynthesizer):
     rows carry their own trigger and the backdoor label, a `cross_ratio` (0.1) share carry
     another input's trigger and keep their label (cross-trigger mode), the rest are clean;
     loss = cross-entropy + lambda_div * pattern diversity. Generators use Adam
-    (`generator_lr` 0.01, betas 0.5/0.9), the classifier SGD (`surrogate_lr`).
+    (`generator_lr` 0.01, betas 0.5/0.9), the classifier SGD (`surrogate_lr`); in each
+    stage the learning rates decay to zero on a cosine schedule over its epochs (the
+    paper steps them down 10x at fixed epochs), so training ends on settled weights
+    instead of at an arbitrary point of the generator/classifier oscillation.
 
     Poisoning (data attack): the same mix carries over. A poisoned training row is a cross
     sample with probability cross_ratio / (backdoor_ratio + cross_ratio) (drawn per row
@@ -164,17 +167,20 @@ class InputAwareSynthesizer(OptimisedSynthesizer):
         """Stage 1: masks that are small (norm term) and differ between inputs (diversity)."""
         net = self.mask_net.to(device).train().requires_grad_(True)
         opt = self._adam(net)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.mask_epochs))
         for _ in range(self.mask_epochs):
             for batch in loader:
                 x = batch.inputs
                 other = x.roll(1, 0)  # pairs each row with another input of the batch
-                mask, other_mask = self.mask(x), self.mask(other)
+                mask = self.mask(x)
+                other_mask = mask.roll(1, 0)  # = self.mask(other): rows are independent
                 norm = F.relu(mask.mean() - self.mask_density)
                 loss = (self.lambda_norm * norm
                         + self.lambda_div * diversity_loss(x, other, mask, other_mask))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+            schedule.step()
         net.eval().requires_grad_(False)
 
     def _train_patterns(self, loader: Loader, classifier: nn.Module) -> None:
@@ -183,6 +189,9 @@ class InputAwareSynthesizer(OptimisedSynthesizer):
         gen_opt = self._adam(net)
         cls_opt = torch.optim.SGD(classifier.parameters(), lr=self.surrogate_lr, momentum=0.9,
                                   weight_decay=5e-4)
+        epochs = max(1, self.surrogate_epochs)
+        schedules = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=epochs)
+                     for o in (gen_opt, cls_opt)]
         for _ in range(self.surrogate_epochs):
             classifier.train()
             for batch in loader:
@@ -192,11 +201,12 @@ class InputAwareSynthesizer(OptimisedSynthesizer):
                 other = x.roll(1, 0)
                 bd = slice(0, n_bd)
                 cross = slice(n_bd, n_bd + n_cross)
-                inputs = torch.cat([self.stamp(x[bd], x[bd]), self.stamp(x[cross], other[cross]),
-                                    x[n_bd + n_cross :]])
+                patterns, mask = net(x[bd]), self.mask(x[bd])  # = stamp(x[bd], x[bd])
+                inputs = torch.cat([x[bd] * (1 - mask) + patterns * mask,
+                                    self.stamp(x[cross], other[cross]), x[n_bd + n_cross :]])
                 labels = torch.cat([Synthesizer.synthesize_labels(self, batch.select(bd)),
                                     y[n_bd:]])
-                patterns, others = net(x[bd]), net(other[bd])
+                others = net(other[bd])
                 loss = (F.cross_entropy(classifier(inputs), labels)
                         + self.lambda_div * diversity_loss(x[bd], other[bd], patterns, others))
                 gen_opt.zero_grad(set_to_none=True)
@@ -204,6 +214,8 @@ class InputAwareSynthesizer(OptimisedSynthesizer):
                 loss.backward()
                 gen_opt.step()
                 cls_opt.step()
+            for schedule in schedules:
+                schedule.step()
 
     def _cross_rows(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(mask of rows that are cross samples, the training index of their partner)."""
