@@ -28,7 +28,7 @@ def tiny() -> dict[str, Any]:
     return copy.deepcopy(TINY)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data, or skip the test when it is absent."""
     if not SHARED_DATA.is_dir():

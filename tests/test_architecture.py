@@ -23,9 +23,10 @@ LAYERS: dict[str, int] = {
     "defenses": 6, "federated": 6,
     "assembly": 7,
     "experiment": 8,
-    "gallery": 9, "legacy": 9, "crashtest": 9, "sweeps": 9, "report": 9, "prepare": 9,
-    "cli": 10,
-    "__init__": 11, "__main__": 11,
+    "gallery": 9, "legacy": 9, "crashtest": 9, "sweeps": 9, "prepare": 9,
+    "report": 10,
+    "cli": 11,
+    "__init__": 12, "__main__": 12,
 }
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 300, 60
 

@@ -122,7 +122,7 @@ def test_mnist_missing_files_explain_where_and_how(tmp_path: Path) -> None:
         _ = TASKS.get("mnist")(data_dir=str(tmp_path)).train
     message = _one_line(exc)
     assert "train-images-idx3-ubyte" in message and str(tmp_path) in message
-    assert "download: true" in message
+    assert "backdoors data mnist-split" in message and "backdoors data mnist" in message
 
 
 def test_mnist_rejects_wrong_image_size(tmp_path: Path) -> None:
@@ -319,7 +319,7 @@ def test_cifar_missing_lists_layouts(tmp_path: Path) -> None:
         _ = TASKS.get("cifar10")(data_dir=str(tmp_path)).train
     message = _one_line(exc)
     for expected in ("cifar-10-batches-py", "cifar-10-batches-bin", "{train,test}/<class>/",
-                     str(tmp_path), "download: true"):
+                     str(tmp_path), "backdoors data cifar10"):
         assert expected in message
 
 

@@ -47,7 +47,8 @@ def test_the_defense_recipe_runs_on_a_finished_attack(recipe, tiny, tmp_path):
     assert summary["asr"] > 0.9
     result = defend(tmp_path / "r", "max_confidence", {"temperature": 2.0})
     assert result["stage"] == "input" and 0.0 <= result["auroc"] <= 1.0
-    assert (tmp_path / "r" / "defenses" / "max_confidence" / "result.json").is_file()
+    # Non-default options give the result folder a key of its own: name-<options hash>.
+    assert len(list((tmp_path / "r" / "defenses").glob("max_confidence-*/result.json"))) == 1
 
 
 @pytest.mark.parametrize("recipe", [("aggregator", AGGREGATORS, "drop_largest")],
