@@ -152,3 +152,12 @@ def test_gallery_draws_a_png(tiny, tmp_path, capsys):
     assert main(["gallery", str(write(tmp_path, tiny)), "--out", str(out), "--n", "4"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     one_line_error(capsys, main(["gallery", str(write(tmp_path, tiny)), "--out", "x.jpg"]))
+
+
+def test_output_cut_short_by_a_pipe_ends_quietly():
+    """`backdoors list ... | head -1`: the reader leaves early; no error line, exit 0."""
+    shell = f"{sys.executable} -m backdoors list defenses strip | head -1"
+    done = subprocess.run(["bash", "-c", f"set -o pipefail; {shell}"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "defense 'strip'"
+    assert done.stderr == ""

@@ -9,6 +9,7 @@ error).
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -26,11 +27,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `backdoors` console script."""
     try:
         args = parser().parse_args(argv)
-        return HANDLERS[args.command](args)
+        code = HANDLERS[args.command](args)
+        sys.stdout.flush()  # a reader that left shows here, inside the handlers below
+        return code
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Whoever read the output left (`backdoors list ... | head`): stop quietly, as
+        # Unix tools do; stdout goes to /dev/null so the exit's final flush cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback (errors.report)
         return report(exc)
 
