@@ -172,9 +172,10 @@ def test_the_original_mnist_params_with_physical_learn_the_backdoor(shared_data,
         "synthesizer: Pattern", "synthesizer: Physical").replace("epochs: 350", "epochs: 2")
     (tmp_path / "params.yaml").write_text(params.replace("save_model: True", "save_model: False"))
     monkeypatch.chdir(tmp_path)
-    assert legacy_main(["--name", "physical", "--params", "params.yaml", "--set",
-                        f"task.data_dir={shared_data / 'mnist-t10k'}", "--set",
-                        "task.test_split=8000"]) == 0
+    # As its header says: the split made by `backdoors data mnist-split` is found from the
+    # original's data_path .data/.
+    assert main(["data", "mnist-split", "--from", str(shared_data / "mnist-t10k")]) == 0
+    assert legacy_main(["--name", "physical", "--params", "params.yaml"]) == 0
     last = [line for line in capsys.readouterr().out.splitlines() if "Epoch: 2." in line]
     assert float(last[1].split("Top-1: ")[1].split(" ")[0]) >= 90.0, last
 

@@ -99,8 +99,10 @@ def _find(directory: Path, stem: str) -> Path | None:
 
 
 def _candidates(root: Path) -> list[Path]:
-    """Where MNIST may sit under `root`: itself, MNIST/raw (torchvision's layout), mnist/."""
-    return [root, root / "MNIST" / "raw", root / "mnist"]
+    """Where MNIST may sit under `root`: itself, MNIST/raw (torchvision's layout), mnist/
+    (`backdoors data mnist`), then mnist-split/ (`backdoors data mnist-split`), so the
+    original's `data_path: .data/` finds either."""
+    return [root, root / "MNIST" / "raw", root / "mnist", root / "mnist-split"]
 
 
 def _locate(root: Path, stems: list[str]) -> Path | None:

@@ -5,11 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 # Axis labels of the per-index (bar) figures defenses report.
 BARS = {"mask_norms": ("class", "reversed trigger mask L1 norm"),
-        "pruning_curve": ("neurons pruned", "clean-budget accuracy")}
+        "pruning_curve": ("neurons pruned", "clean-budget accuracy"),
+        "margins": ("class", "maximum logit margin"),
+        "split_index": ("class", "SCAn J*"),
+        "k": ("class", "PCA dimension")}
 
 
 def save_artifacts(folder: Path, artifacts: dict[str, Tensor], result: dict[str, Any]) -> None:
@@ -47,8 +51,12 @@ def _histogram(plt: Any, scores: Tensor, positive: Tensor | None, result: dict[s
     if positive is not None and len(positive) == len(scores) and bool(positive.any()):
         positive = positive.bool().cpu()
         label = "triggered" if result.get("stage") == "input" else "poisoned"
-        ax.hist(scores[~positive].numpy(), bins=50, alpha=0.6, label="clean")
-        ax.hist(scores[positive].numpy(), bins=50, alpha=0.6, label=label)
+        # Shared bin edges: a tight cluster of poisoned scores stays visible beside the
+        # clean spread instead of shrinking to hair-thin bars of its own binning.
+        finite = scores[torch.isfinite(scores)]
+        edges = torch.histogram(finite, bins=50).bin_edges.numpy() if len(finite) else 50
+        ax.hist(scores[~positive].numpy(), bins=edges, alpha=0.6, label="clean")
+        ax.hist(scores[positive].numpy(), bins=edges, alpha=0.6, label=label)
         ax.legend()
     else:
         ax.hist(scores.numpy(), bins=50)
