@@ -79,6 +79,8 @@ CASES: dict[str, dict[str, Any]] = {
     "spectre": {"k": 4},
     "teco": {"corruptions": ["gaussian_noise", "defocus_blur", "contrast", "jpeg_compression"]},
     "cognitive_distillation": {"steps": 10},
+    "asd": {"iterations": 4},
+    "dbd": {"self_epochs": 1, "self_batch_size": 64, "iterations": 4},
 }
 NEURAL_CLEANSE = {"steps": 100}
 

@@ -13,7 +13,8 @@ BARS = {"mask_norms": ("class", "reversed trigger mask L1 norm"),
         "pruning_curve": ("neurons pruned", "clean-budget accuracy"),
         "margins": ("class", "maximum logit margin"),
         "split_index": ("class", "SCAn J*"),
-        "k": ("class", "PCA dimension")}
+        "k": ("class", "PCA dimension"),
+        "poisoned_in_clean_pool": ("epoch", "poisoned samples in the trusted pool")}
 
 
 def save_artifacts(folder: Path, artifacts: dict[str, Tensor], result: dict[str, Any]) -> None:
