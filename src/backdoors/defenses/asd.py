@@ -110,7 +110,7 @@ class AdaptiveSplit(SplittingDefense):
        code); the clean pool is the `epsilon` of samples whose SCE fell least. Poisoned
        samples are learned fastest, so their loss falls most; clean hard samples join.
        Stages 2 and 3 are class-blind, as in the paper: a class learned late can stay out
-       of the labelled pool and lose accuracy (docs/defenses_g5.md, WaNet).
+       of the labelled pool and lose accuracy (docs/defenses_training.md, WaNet).
 
     All defaults are the paper's code (config/baseline_asd.yaml). MixMatch trains with
     Adam at `lr` 0.002 without schedule, as the paper (`lr: null`: the run's optimizer,

@@ -5,7 +5,7 @@ colour images in YCbCr (JFIF) with Cb and Cr averaged over 2x2 pixels (4:2:0), e
 plane cut into 8x8 blocks (edges replicated up to whole blocks), transformed by the DCT,
 quantised by the Annex K tables scaled to the quality as the IJG code scales them, and
 decoded back, chroma upsampled by libjpeg's triangle filter. Within about one grey level
-of PIL's output (tests/test_defenses_g3.py compares them).
+of PIL's output (tests/test_defenses_input.py compares them).
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ class SAU(ModelRepair):
     written by the paper's first author): `epochs` 100, Adam `lr` 1e-4, `batch_size` 256,
     `norm_bound` 0.2, `adv_lr` 0.2, `adv_steps` 5, `beta_1` 0.01, `beta_2` 1, `lmd_1` 1,
     `lmd_2` 0, `lmd_3` 1, Adam's learning rate annealed by a cosine over the epochs (on a
-    CPU the measurements here use fewer epochs: docs/defenses_g2.md). Both models stay in
+    CPU the measurements here use fewer epochs: docs/defenses_unlearning.md). Both models stay in
     eval mode (batch norm keeps its statistics, the official default); perturbed inputs
     are not clipped to [0, 1] (as the official code, which notes it is not needed for
     backdoor defense). Uses only the clean budget.

@@ -319,7 +319,7 @@ def test_asd_keeps_the_poison_out_of_its_clean_pool_and_the_backdoor_out(attack_
 
 
 # DBD needs a task SimCLR can learn from without labels: the blob task's classes are
-# positions, which random crops move (docs/defenses_g5.md), so DBD meets scikit-learn's
+# positions, which random crops move (docs/defenses_training.md), so DBD meets scikit-learn's
 # 8x8 digits with a single-pixel trigger (relabelled 1), trained long enough (8 epochs of
 # 42 steps) for its head to be fitted in a few epochs.
 DIGITS: dict[str, Any] = {
@@ -342,7 +342,7 @@ def test_dbd_trusts_few_poisoned_samples_and_unlearns_the_trigger(tmp_path):
         assert result[f"{stage}_pool_poisoned"] < poison_rate / 2 * result[f"{stage}_pool"]
     assert result["isolated_recall"] > 0.7
     # Clean accuracy is not kept here: a few hundred head steps on 8x8 SimCLR features
-    # leave whole classes out of the lowest-loss half (docs/defenses_g5.md); the slow
+    # leave whole classes out of the lowest-loss half (docs/defenses_training.md); the slow
     # test below checks it on MNIST.
 
 
