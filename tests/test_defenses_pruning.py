@@ -24,7 +24,7 @@ from backdoors.defenses.channels import (
 )
 from backdoors.defenses.clp import CLP, channel_lipschitz, norm_scale, zero_channels
 from backdoors.defenses.ep import EP, histogram_entropy, spatial_max, standardise_rows
-from backdoors.defenses.rnp import prune_filters
+from backdoors.defenses.rnp import RNP, prune_filters
 from backdoors.errors import ConfigError
 from backdoors.models import MODELS
 
@@ -251,6 +251,42 @@ def test_prune_filters_zeroes_the_weight_and_keeps_the_shift():
     assert int((pruned.body[4].weight == 0).sum()) == 1
 
 
+def test_rnp_prunes_masks_under_the_threshold_or_the_smallest_number():
+    masks = [torch.tensor([0.9, 0.1, 0.3]), torch.tensor([0.2, 0.05])]
+    by_threshold = RNP(threshold=0.2).pruned(masks)
+    assert [f.tolist() for f in by_threshold] == [[False, True, False], [True, True]]
+    by_number = RNP(pruning_by="number", pruning_number=2).pruned(masks)
+    assert [f.tolist() for f in by_number] == [[False, True, False], [False, True]]
+    assert not any(f.any() for f in RNP(pruning_by="number", pruning_number=0).pruned(masks))
+
+
+def _predicted(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.train()(images.float() / 255).argmax(1)
+
+
+def test_rnp_unlearning_stops_before_stepping_on_a_batch_under_the_threshold():
+    """The stopping rule is checked every batch, before its ascent step: a model already
+    wrong on the budget is returned untouched (the fix for an unlearning that ran a whole
+    epoch past the threshold)."""
+    model, images = _model("simple_net"), torch.randint(0, 256, (20, 1, 12, 12),
+                                                        dtype=torch.uint8)
+    wrong = (_predicted(model, images) + 1) % 3
+    unlearned, history = RNP(batch_size=10).unlearn(model, _data(images, wrong))
+    assert history == [0.0]
+    assert all(torch.equal(a, b) for a, b in zip(unlearned.state_dict().values(),
+                                                 model.state_dict().values(), strict=True))
+
+
+def test_rnp_unlearning_ascends_until_the_threshold():
+    model, images = _model("simple_net"), torch.randint(0, 256, (20, 1, 12, 12),
+                                                        dtype=torch.uint8)
+    right = _predicted(model, images)
+    _, history = RNP(batch_size=10, unlearning_lr=0.5, clean_threshold=0.5,
+                     unlearning_epochs=50).unlearn(model, _data(images, right))
+    assert history[0] == 1.0 and history[-1] <= 0.5 < min(history[:-1])
+
+
 # -- config errors -------------------------------------------------------------------------
 
 
@@ -260,6 +296,7 @@ def test_prune_filters_zeroes_the_weight_and_keeps_the_shift():
     ("ep", {"bin_width": 0}, "bin_width must be > 0"),
     ("rnp", {"threshold": 1.5}, "threshold must be in"),
     ("rnp", {"recovering_lr": 0}, "must be > 0"),
+    ("rnp", {"pruning_by": "fraction"}, "pruning_by must be"),
     ("rnp", {"unlearning_epoch": 3}, "did you mean 'unlearning_epochs'"),
 ])
 def test_bad_options_are_config_errors(name, kwargs, message):
