@@ -219,3 +219,25 @@ def test_show_prints_one_line_per_cell(finished, capsys):
     assert main(["show", str(finished)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 5 and all("completed" in line for line in lines[1:])
+
+
+def test_reference_cells_are_backdoorbench_rows():
+    """The bundled leaderboard is matched by dataset, model, attack, ratio and defense."""
+    import csv
+
+    from backdoors.report.reference import DATA, lookup
+
+    rows = {(r["attack"], r["defense"]): r for r in csv.DictReader(DATA.open())
+            if r["dataset"] == "cifar10" and r["model"] == "preactresnet18"
+            and float(r["poison_ratio"]) == 0.1}
+    badnets = {"task": {"name": "cifar10"}, "model": {"name": "preact_resnet18"},
+               "synthesizer": {"name": "pattern"}, "attack": {"name": "data", "ratio": 0.1}}
+    for defense, theirs in ((None, "no defense"), ("fine_pruning", "fp"), ("anp", "anp")):
+        found = lookup(badnets, defense)
+        assert found is not None
+        assert found["asr"] == float(rows[("badnet", theirs)]["asr"])
+    assert lookup(badnets, "strip") is None  # BackdoorBench has no STRIP cell
+    assert lookup({**badnets, "task": {"name": "mnist"}}, None) is None
+    blind = {**badnets, "attack": {"name": "blind"}}
+    assert lookup(blind, None)["clean_accuracy"] == float(
+        rows[("blind", "no defense")]["clean_accuracy"])
