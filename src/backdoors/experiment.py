@@ -136,22 +136,25 @@ class Lifecycle:
         all_hooks = list(hooks)
         with recording(self.folder, self.summary, all_hooks, self.config.train.lr):
             loop, start = self._prepare(commit)
-            if self.config.train.tensorboard:
-                all_hooks.append(TensorBoardHook(self.folder.path / "tb"))
-            if not quiet:
-                all_hooks.append(loop.console())
-            for hook in all_hooks:
-                hook.on_start(self.folder.path, start, loop.global_step(start))
-            log = TrainLog(self.folder, all_hooks, self.config.train.log_interval,
-                           loop.steps_per_unit)
-            for unit in range(start, loop.last + 1):
-                row = loop.run_unit(unit, log.on_step)
-                self._commit_unit(loop, unit, row)
-                scalars = loop.scalars(row)
+            try:
+                if self.config.train.tensorboard:
+                    all_hooks.append(TensorBoardHook(self.folder.path / "tb"))
+                if not quiet:
+                    all_hooks.append(loop.console())
                 for hook in all_hooks:
-                    hook.on_epoch_end(unit, row, self.comps.model)
-                    if scalars:
-                        hook.on_scalars(loop.scalar_group, scalars, loop.global_step(unit))
+                    hook.on_start(self.folder.path, start, loop.global_step(start))
+                log = TrainLog(self.folder, all_hooks, self.config.train.log_interval,
+                               loop.steps_per_unit)
+                for unit in range(start, loop.last + 1):
+                    row = loop.run_unit(unit, log.on_step)
+                    self._commit_unit(loop, unit, row)
+                    scalars = loop.scalars(row)
+                    for hook in all_hooks:
+                        hook.on_epoch_end(unit, row, self.comps.model)
+                        if scalars:
+                            hook.on_scalars(loop.scalar_group, scalars, loop.global_step(unit))
+            finally:  # a Ray engine's workers go whatever happens
+                loop.close()
             self.summary.update(loop.summary(self.rows), status="completed")
         self.folder.write_summary(self.summary)
         return self.summary

@@ -21,7 +21,7 @@ from backdoors.data import TASKS, Task
 from backdoors.defenses import DEFENSES, Defense
 from backdoors.defenses.runner import check_fits
 from backdoors.errors import ConfigError
-from backdoors.federated import AGGREGATORS, Aggregator
+from backdoors.federated import AGGREGATORS, ATTACKERS, Aggregator, Attacker
 from backdoors.models import MODELS
 from backdoors.registry import Registry
 from backdoors.runs import RunFolder, check_finite, load_into, load_weights
@@ -53,6 +53,7 @@ class Components:
     model_name: str
     device: torch.device
     aggregator: Aggregator | None = None
+    attacker: Attacker | None = None
     defenses: list[Defense] = field(default_factory=list)
 
 
@@ -92,16 +93,18 @@ def _build(config: Config, fresh: bool) -> Components:
     if config.train.dp:  # DP-SGD wraps the attack's step; refuses what it cannot run
         attack = DPSGD(attack, model, config.train.dp_clip, config.train.dp_sigma,
                        seed=derive(config.seed, DP_NOISE))
-    aggregator = None
+    aggregator = attacker = None
     if config.federated is not None:
         aggregator = build_aggregator(config.federated.aggregator, config.federated.per_round)
+        attacker = ATTACKERS.build(config.federated.attacker.name,
+                                   config.federated.attacker.kwargs, "federated.attacker")
     defenses = []
     for i, d in enumerate(config.defenses):
         defense = DEFENSES.build(d.name, d.kwargs, f"defenses[{i}]")
         check_fits(defense, config.federated is not None, f"defenses[{i}]")
         defenses.append(defense)
     comps = Components(task, model, synthesizer, attack, model_cfg.name, device, aggregator,
-                       defenses)
+                       attacker, defenses)
     if fresh:  # a missing weights file is refused before anything runs
         start_path(config, comps, auto=False)
     return comps
@@ -129,6 +132,7 @@ def resolved_config(config: Config, comps: Components) -> dict[str, Any]:
     if config.federated is not None:
         fed = out["federated"]
         fed["aggregator"] = _with_defaults(AGGREGATORS, fed["aggregator"])
+        fed["attacker"] = _with_defaults(ATTACKERS, fed["attacker"])
     for section, key in PATH_KEYS:
         if key in out[section]:
             out[section][key] = _absolute(out[section][key])

@@ -9,12 +9,13 @@ from torch import Tensor
 
 from backdoors.assembly.build import Components
 from backdoors.assembly.data import TrainingData, evaluation_loaders, on_device
-from backdoors.attacks import ATTACKS
+from backdoors.attacks import ATTACKS, Attack
 from backdoors.config import Config
 from backdoors.data.dataset import ArrayDataset
 from backdoors.errors import ConfigError
 from backdoors.federated.loop import RoundLoop
 from backdoors.hooks import Hook
+from backdoors.synthesizers.base import Synthesizer
 from backdoors.training.loop import EpochLoop
 
 
@@ -37,6 +38,7 @@ class InnerLoop(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
     def poison_rows(self) -> Tensor | None: ...
+    def close(self) -> None: ...
 
 
 def make_loop(config: Config, comps: Components, data: TrainingData) -> InnerLoop:
@@ -53,6 +55,14 @@ def make_loop(config: Config, comps: Components, data: TrainingData) -> InnerLoo
                           "streams its images")
     honest = ATTACKS.build("none", {}, "attack")
     honest.bind(comps.synthesizer, model)
+    assert comps.attacker is not None  # built with the aggregator
+
+    def make_attack(synthesizer: Synthesizer) -> Attack:
+        """The config's injection method bound to another trigger (a DBA part)."""
+        attack = ATTACKS.build(config.attack.name, config.attack.kwargs, "attack")
+        attack.bind(synthesizer, model)
+        return attack
+
     return RoundLoop(model, comps.attack, honest, comps.synthesizer, data.clean_train, test,
                      backdoor, config.federated, tc, comps.aggregator, config.seed,
-                     comps.task.augment, device)
+                     comps.task.augment, device, comps.attacker, make_attack)

@@ -1,9 +1,12 @@
 """Federated learning: data splits, client training, aggregators (pure rules in
 `aggregation.py`; the interface in `aggregator.py`; registered rules in `aggregators.py`
-and `selection.py`) and the round loop (`loop.py`). See docs/federated.md. Importing the
-package registers every aggregator in AGGREGATORS."""
+and `selection.py`), attackers (`attackers/`), client engines (`engine.py`) and the round
+loop (`loop.py`). See docs/federated.md. Importing the package registers every
+aggregator in AGGREGATORS and every attacker in ATTACKERS."""
 
 from backdoors.federated import aggregators, selection  # noqa: F401 - registers the rules
 from backdoors.federated.aggregator import AGGREGATORS, Aggregate, Aggregator, RoundContext
+from backdoors.federated.attackers import ATTACKERS, Attacker, AttackerSetup
 
-__all__ = ["AGGREGATORS", "Aggregate", "Aggregator", "RoundContext"]
+__all__ = ["AGGREGATORS", "ATTACKERS", "Aggregate", "Aggregator", "Attacker", "AttackerSetup",
+           "RoundContext"]

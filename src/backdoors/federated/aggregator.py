@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
 
 from backdoors.registry import Registry
+
+if TYPE_CHECKING:
+    from backdoors.federated.server import ServerView
 
 AGGREGATORS: Registry[Aggregator] = Registry("aggregator")
 
@@ -24,7 +27,8 @@ AGGREGATORS: Registry[Aggregator] = Registry("aggregator")
 @dataclass
 class RoundContext:
     """What an aggregator may know besides the updates: the server learning rate, the
-    population size, who sent each update and how many samples it trained on."""
+    population size, who sent each update, how many samples it trained on, the round and
+    the server's own view (server.py)."""
 
     eta: float
     participants: int
@@ -32,6 +36,10 @@ class RoundContext:
     samples: Tensor
     generator: torch.Generator = field(default_factory=torch.Generator)
     head: slice | None = None  # the classifier head's entries in a flattened update
+    round: int = 0
+    # The server's own abilities (root data, scratch models); None where the caller has
+    # none (unit tests of pure rules). Rules that need it declare `needs_server`.
+    server: ServerView | None = None
 
     def step(self, mean_update: Tensor, k: int) -> Tensor:
         """The server step for a mean-like aggregate of k updates."""
@@ -63,6 +71,7 @@ class Aggregator(ABC):
     (so that detection precision and recall mean something for it)."""
 
     flags_clients: ClassVar[bool] = False
+    needs_server: ClassVar[bool] = False
 
     @property
     def name(self) -> str:

@@ -10,6 +10,7 @@ keeps a round with 100 clients about training, not setup.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -50,9 +51,11 @@ class LocalTraining:
         self.augment = (lambda x, g: random_crop_flip(x, generator=g)) if augment else None
 
     def train(self, dataset: ArrayDataset, start: tuple[Tensor, Tensor], plan: LocalPlan,
-              generator: torch.Generator, update_out: Tensor) -> ClientReport:
+              generator: torch.Generator, update_out: Tensor,
+              after_step: Callable[[], None] | None = None) -> ClientReport:
         """Train from `start` (global parameters, buffers); write the update to
-        `update_out`. The model is left holding the client's local weights."""
+        `update_out`. `after_step` runs after every optimizer step (an attacker's
+        projection). The model is left holding the client's local weights."""
         self.flat.write(*start)
         plan.attack.start(self.flat.model)  # e.g. evasion terms copy the pre-attack model
         self.optimizer.state.clear()  # momentum from the previous client must not leak
@@ -67,8 +70,9 @@ class LocalTraining:
         trainer = Trainer(self.flat.model, plan.attack, self.optimizer, None, loader,
                           self.test_loader, None, generator, progress=False)
         totals: dict[str, float] = {}
+        on_step = None if after_step is None else (lambda *_: after_step())
         for epoch in range(1, plan.epochs + 1):
-            stats = trainer.train_epoch(epoch)
+            stats = trainer.train_epoch(epoch, on_step)
             report.seconds += stats.seconds
             for name, value in stats.losses.items():
                 totals[name] = totals.get(name, 0.0) + value / plan.epochs

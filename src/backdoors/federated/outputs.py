@@ -46,10 +46,25 @@ def summary_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "max_asr": max((r["asr"] for r in rows if r["asr"] == r["asr"]), default=None),
         "attack_rounds": [r["round"] for r in attacked],
         "asr_after_first_attack": attacked[0]["asr"] if attacked else None,
+        **durability(rows),
         "detection": totals(rows),
         "seconds_per_round": sum(r["round_seconds"] for r in rows) / len(rows),
         "client_seconds_per_round": sum(r["train_seconds"] for r in rows) / len(rows),
     }
+
+
+def durability(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How long the backdoor lasts once the attack stops: the ASR of every round after the
+    last attacked one (its index is rounds since the attack), and at 1, 5, 10 and 20
+    rounds after it where the run went that far."""
+    attacked = [r["round"] for r in rows if r["attackers"]]
+    if not attacked:
+        return {"last_attack_round": None, "asr_since_attack": []}
+    last = attacked[-1]
+    curve = [r["asr"] for r in rows if r["round"] > last]
+    return {"last_attack_round": last, "asr_since_attack": curve,
+            **{f"asr_{k}_rounds_after": curve[k - 1] for k in (1, 5, 10, 20)
+               if len(curve) >= k}}
 
 
 def round_line(row: dict[str, Any], last_round: int) -> str:

@@ -7,6 +7,7 @@ resumed run repeats an uninterrupted one without saving generator states.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,15 +33,22 @@ def sample_round(fc: FederatedConfig, seed: int, round_: int) -> tuple[list[int]
     """The participants of a round, in sampling order, and which of them attack.
 
     As in Backdoors 101: with `attack_round` the first `adversaries` sampled participants
-    attack in that round only; otherwise ids 0..adversaries-1 attack whenever sampled.
+    attack in that round only; otherwise ids 0..adversaries-1 attack whenever sampled in
+    an attack round (`FederatedConfig.attacks_in`). With `attackers_per_round` m, the
+    first m sampled participants of an attack round are replaced by compromised ones
+    (drawn from the same round stream), so every attack round has m attackers.
     """
-    order = torch.randperm(fc.participants, generator=stream(seed, SAMPLE, round_))
+    gen = stream(seed, SAMPLE, round_)
+    order = torch.randperm(fc.participants, generator=gen)
     sampled = order[: fc.per_round].tolist()
+    attacking = fc.attacks_in(round_)
     if fc.attack_round is not None:
-        bad = [round_ == fc.attack_round and i < fc.adversaries for i in range(len(sampled))]
-    else:
-        bad = [pid < fc.adversaries for pid in sampled]
-    return sampled, bad
+        return sampled, [attacking and i < fc.adversaries for i in range(len(sampled))]
+    if attacking and fc.attackers_per_round is not None:
+        evil = torch.randperm(fc.adversaries, generator=gen)[: fc.attackers_per_round].tolist()
+        rest = [pid for pid in sampled if pid not in evil]
+        sampled = evil + rest[: fc.per_round - len(evil)]
+    return sampled, [attacking and pid < fc.adversaries for pid in sampled]
 
 
 @dataclass
@@ -51,7 +59,7 @@ class Population:
 
     train: ArrayDataset
     indices: list[Tensor]
-    attack: Attack
+    injection: Callable[[int], Attack]  # participant id -> its injection attack
     seed: int
     device: torch.device
     poisoned: dict[int, tuple[ArrayDataset, Tensor]] = field(default_factory=dict)
@@ -63,9 +71,10 @@ class Population:
     def attacker_data(self, pid: int) -> ArrayDataset:
         if pid not in self.poisoned:
             local = self.train.subset(self.indices[pid])
-            ds, idx = self.attack.poison_training_set(local, stream(self.seed, POISON, pid))
+            attack = self.injection(pid)
+            ds, idx = attack.poison_training_set(local, stream(self.seed, POISON, pid))
             if not isinstance(ds, ArrayDataset):
-                raise ConfigError(f"attack '{self.attack.name}' gave a streaming dataset; "
+                raise ConfigError(f"attack '{attack.name}' gave a streaming dataset; "
                                   "federated clients need in-memory data")
             on_device = ds.to(self.device) if self.device.type != "cpu" else ds
             self.poisoned[pid] = (on_device, self.indices[pid][idx.cpu()])

@@ -89,6 +89,9 @@ class EpochLoop:
         """None: the training set was poisoned once, before the first epoch."""
         return None
 
+    def close(self) -> None:
+        """Nothing to release."""
+
     def summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Final figures: the last epoch's, the best clean accuracy, the mean epoch time.
         A run with no epoch to train (start_epoch > epochs) reports the model as given."""
