@@ -1,0 +1,216 @@
+"""Federated catalogue: every FL attacker against FedAvg and every aggregator, warm-started,
+on the project's MNIST split (8,000 train / 2,000 test), with durability after the attack.
+
+Setup (the literature's: 100 participants, 10 per round, a converged global model first):
+simple_net; 100 participants with IID shares of 80 images, 10 sampled per round, 2 local
+epochs of SGD (lr 0.02, momentum 0.9, batch 64); eta = N / K = 10, so FedAvg's new global
+model is the mean of the local models. A global model is first trained clean with FedAvg
+for `--warmup` rounds; every (attacker, aggregator) cell starts from it. Attack: the
+pattern trigger (-> 8); participants 0..9 are compromised; in each round of the attack
+window (rounds 2..1+`--attack-rounds`) `--per-round-attackers` of them are sampled
+(federated.attackers_per_round), batch-poison half of each local batch for 10 local epochs
+at lr 0.01; then `--after` clean rounds measure how long the backdoor lasts. Model
+replacement scales by N / eta = 10, as do DBA and Neurotoxin; constrain-and-scale and PGD
+bound the sent norm (their options below).
+
+Reported per cell: clean accuracy and ASR after the last attack round, the worst clean gap
+to FedAvg without attack over the attack window, ASR 1 / 5 / 10 / 20 rounds after the
+attack, detection precision / recall pooled over rounds, and the mean round time.
+
+    python benchmarks/fl_catalogue.py [--attackers a,b] [--aggregators x,y] [--out FILE.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import REPO, machine, mnist_split_dir  # noqa: E402
+
+from backdoors.config import from_dict  # noqa: E402
+from backdoors.experiment import run  # noqa: E402
+from backdoors.runs import RunFolder  # noqa: E402
+
+PARTICIPANTS, PER_ROUND = 100, 10
+ATTACKERS: dict[str, dict[str, Any]] = {
+    "model replacement": {"name": "model_replacement"},
+    "DBA (4 parts)": {"name": "dba"},
+    "constrain-and-scale": {"name": "constrain_and_scale"},
+    "PGD (eps 2) + replacement": {"name": "pgd"},
+    "Neurotoxin": {"name": "neurotoxin"},
+    "Chameleon": {"name": "chameleon"},
+}
+AGGREGATORS: dict[str, dict[str, Any]] = {
+    "FedAvg": {"name": "fedavg"},
+    "norm clipping": {"name": "norm_clipping"},
+    "weak DP": {"name": "weak_dp"},
+    "median": {"name": "median"},
+    "trimmed mean": {"name": "trimmed_mean"},
+    "Krum": {"name": "krum"},
+    "Multi-Krum": {"name": "multi_krum"},
+    "Bulyan": {"name": "bulyan"},
+    "FLAME": {"name": "flame"},
+    "FoolsGold": {"name": "foolsgold", "features": "head"},
+    "FLTrust": {"name": "fltrust"},
+    "RLR": {"name": "rlr"},
+    "DeepSight": {"name": "deepsight"},
+    "CRFL": {"name": "crfl"},
+    "FLDetector": {"name": "fldetector"},
+    "BackdoorIndicator": {"name": "indicator"},
+    "centered clipping": {"name": "centered_clipping"},
+}
+
+
+def config(data_dir: Path, aggregator: dict, attacker: dict | None, rounds: int,
+           pretrained: str | None, args: argparse.Namespace) -> dict:
+    fed: dict[str, Any] = {
+        "rounds": rounds, "participants": PARTICIPANTS, "per_round": PER_ROUND,
+        "local_epochs": 2, "eta": PARTICIPANTS / PER_ROUND, "aggregator": aggregator,
+    }
+    if attacker is not None:
+        fed.update({
+            "adversaries": 10, "attacker": attacker,
+            "attack_window": [2, 1 + args.attack_rounds],
+            "attackers_per_round": args.per_round_attackers,
+            "weight_scale": PARTICIPANTS / fed["eta"],
+            "attacker_local_epochs": 10, "attacker_lr": 0.01,
+        })
+    return {
+        "name": f"fl-{aggregator['name']}", "seed": args.seed,
+        "task": {"name": "mnist", "data_dir": str(data_dir)},
+        "model": {"name": "simple_net"},
+        "train": {"lr": 0.02, "batch_size": 64, "test_batch_size": 500, "momentum": 0.9,
+                  "weight_decay": 5e-4, "tensorboard": False, "progress": False,
+                  "pretrained": pretrained},
+        "synthesizer": {"name": "pattern", "target": 8},
+        "attack": {"name": "batch", "fraction": 0.5},
+        "federated": fed,
+    }
+
+
+def rounds_of(summary: dict) -> list[dict]:
+    return [r for r in RunFolder(Path(summary["run_dir"])).rows() if r["kind"] == "round"]
+
+
+def pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
+def cell(rows: list[dict], summary: dict, base: list[dict], attack_rounds: int) -> dict:
+    """The figures of one (attacker, aggregator) run."""
+    window = [r for r in rows if 2 <= r["round"] <= 1 + attack_rounds]
+    end = window[-1]
+    gap = min(r["clean_accuracy"] - b["clean_accuracy"]
+              for r, b in zip(window, base[1:1 + attack_rounds], strict=True))
+    det = summary.get("detection")
+    return {
+        "clean": end["clean_accuracy"], "asr": end["asr"],
+        "max_asr": max(r["asr"] for r in window),
+        "gap": gap,
+        "after": {k: summary.get(f"asr_{k}_rounds_after") for k in (1, 5, 10, 20)},
+        "precision": None if det is None else det["precision"],
+        "recall": None if det is None else det["recall"],
+        "round_s": statistics.mean(r["round_seconds"] for r in rows),
+        "extra": {k: v for k, v in end.items() if k.startswith("asr_part")},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--warmup", type=int, default=30, help="clean FedAvg rounds first")
+    parser.add_argument("--attack-rounds", type=int, default=5)
+    parser.add_argument("--per-round-attackers", type=int, default=4)
+    parser.add_argument("--after", type=int, default=20, help="clean rounds after the attack")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--attackers", default=None, help="comma-separated attacker names")
+    parser.add_argument("--aggregators", default=None, help="comma-separated rule names")
+    parser.add_argument("--json", type=Path, default=None, help="also write raw figures")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/fl_catalogue.md")
+    args = parser.parse_args()
+    data_dir = mnist_split_dir()
+    pick = lambda table, names: {k: v for k, v in table.items()  # noqa: E731
+                                 if names is None or v["name"] in names.split(",")}
+    attackers, aggregators = pick(ATTACKERS, args.attackers), pick(AGGREGATORS, args.aggregators)
+    total = 1 + args.attack_rounds + args.after
+    results: dict[tuple[str, str], dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        warm = run(from_dict(config(data_dir, {"name": "fedavg"}, None, args.warmup, None,
+                                    args)), out=tmp, quiet=True)
+        weights = str(Path(warm["run_dir"]) / "checkpoints" / "last.safetensors")
+        print(f"warm-up: {args.warmup} FedAvg rounds -> clean {pct(warm['clean_accuracy'])}% "
+              f"({time.perf_counter() - start:.0f}s)", flush=True)
+        base = rounds_of(run(from_dict(config(data_dir, {"name": "fedavg"}, None, total,
+                                              weights, args)), out=tmp, quiet=True))
+        clean_base = {label: rounds_of(run(from_dict(config(data_dir, agg, None, total,
+                                                            weights, args)), out=tmp,
+                                           quiet=True))
+                      for label, agg in aggregators.items()}
+        for label, agg in aggregators.items():
+            print(f"{label}, no attack: clean {pct(clean_base[label][-1]['clean_accuracy'])}",
+                  flush=True)
+        for a_label, attacker in attackers.items():
+            for g_label, agg in aggregators.items():
+                summary = run(from_dict(config(data_dir, agg, attacker, total, weights, args)),
+                              out=tmp, quiet=True)
+                c = cell(rounds_of(summary), summary, base, args.attack_rounds)
+                results[(a_label, g_label)] = c
+                print(f"{a_label} x {g_label}: clean {pct(c['clean'])} ASR {pct(c['asr'])} "
+                      f"(+20: {pct(c['after'][20])}) gap {100 * c['gap']:+.1f} "
+                      f"P/R {pct(c['precision'])}/{pct(c['recall'])}", flush=True)
+    text = report(args, warm, base, clean_base, results, attackers, aggregators)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+    if args.json:
+        args.json.write_text(json.dumps({" x ".join(k): v for k, v in results.items()},
+                                        indent=1))
+
+
+def report(args: argparse.Namespace, warm: dict, base: list[dict],
+           clean_base: dict[str, list[dict]], results: dict[tuple[str, str], dict],
+           attackers: dict, aggregators: dict) -> str:
+    lines = [
+        f"MNIST split 8k/2k, simple_net; {PARTICIPANTS} participants (IID, 80 images each), "
+        f"{PER_ROUND} per round, 2 local epochs, lr 0.02, eta {PARTICIPANTS // PER_ROUND}; "
+        f"warm-up {args.warmup} clean FedAvg rounds (clean {pct(warm['clean_accuracy'])}%); "
+        f"attack window rounds 2-{1 + args.attack_rounds} with "
+        f"{args.per_round_attackers} attackers per round (of 10 compromised), then "
+        f"{args.after} clean rounds; seed {args.seed}; {machine()}.",
+        "",
+        "Clean accuracy of each rule without attack at the end "
+        "(FedAvg: " + pct(base[-1]["clean_accuracy"]) + "): " + ", ".join(
+            f"{label} {pct(rows[-1]['clean_accuracy'])}" for label, rows in clean_base.items())
+        + ".",
+        "",
+    ]
+    for a_label in attackers:
+        lines += [f"### {a_label}", "",
+                  "| aggregator | clean / ASR after the attack | max ASR in the window | "
+                  "worst clean gap (pts) | ASR +1 / +5 / +10 / +20 rounds | "
+                  "precision / recall | round s |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for g_label in aggregators:
+            c = results.get((a_label, g_label))
+            if c is None:
+                continue
+            after = " / ".join(pct(c["after"][k]) for k in (1, 5, 10, 20))
+            extra = "".join(f" ({k} {pct(v)})" for k, v in c["extra"].items())
+            lines.append(
+                f"| {g_label} | {pct(c['clean'])} / {pct(c['asr'])}{extra} | "
+                f"{pct(c['max_asr'])} | {100 * c['gap']:+.1f} | {after} | "
+                f"{pct(c['precision'])} / {pct(c['recall'])} | {c['round_s']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
