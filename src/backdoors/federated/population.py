@@ -36,7 +36,8 @@ def sample_round(fc: FederatedConfig, seed: int, round_: int) -> tuple[list[int]
     attack in that round only; otherwise ids 0..adversaries-1 attack whenever sampled in
     an attack round (`FederatedConfig.attacks_in`). With `attackers_per_round` m, the
     first m sampled participants of an attack round are replaced by compromised ones
-    (drawn from the same round stream), so every attack round has m attackers.
+    (drawn from the same round stream) and only they attack, so every attack round has
+    exactly m attackers.
     """
     gen = stream(seed, SAMPLE, round_)
     order = torch.randperm(fc.participants, generator=gen)
@@ -48,6 +49,9 @@ def sample_round(fc: FederatedConfig, seed: int, round_: int) -> tuple[list[int]
         evil = torch.randperm(fc.adversaries, generator=gen)[: fc.attackers_per_round].tolist()
         rest = [pid for pid in sampled if pid not in evil]
         sampled = evil + rest[: fc.per_round - len(evil)]
+        # Exactly m attack: other compromised participants sampled this round train
+        # honestly, so the attack strength does not vary with the draw.
+        return sampled, [i < len(evil) for i in range(len(sampled))]
     return sampled, [attacking and pid < fc.adversaries for pid in sampled]
 
 
