@@ -8,12 +8,24 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any, Generic, TypeVar
 
 from backdoors.errors import ConfigError, did_you_mean
 from backdoors.typecheck import constructor_parameters, matches_type, type_hints, type_name
 
 T = TypeVar("T")
+
+# The config path of the component being built, so that a component building others from
+# its own options (an aggregator's `inner` rule) names their place in errors.
+_BUILDING: ContextVar[str] = ContextVar("building", default="")
+
+
+def nested(key: str) -> str:
+    """The config path of option `key` of the component being built (e.g.
+    `federated.aggregator.inner`); `key` alone outside a build."""
+    outer = _BUILDING.get()
+    return f"{outer}.{key}" if outer else key
 
 
 class Registry(Generic[T]):
@@ -96,10 +108,13 @@ class Registry(Generic[T]):
 
     def build(self, name: str, kwargs: dict[str, Any], where: str, **injected: Any) -> T:
         self.check(name, kwargs, where)
+        token = _BUILDING.set(where)
         try:
             return self._items[name](**kwargs, **injected)
         except ValueError as exc:
             raise ConfigError(f"{self._label(name, where)}: {exc}") from None
+        finally:
+            _BUILDING.reset(token)
 
     def _label(self, name: str, where: str) -> str:
         """`where (kind 'name')`, without saying the name twice when `where` has it."""

@@ -22,6 +22,7 @@ from backdoors.defenses import DEFENSES, Defense
 from backdoors.defenses.runner import check_fits
 from backdoors.errors import ConfigError
 from backdoors.federated import AGGREGATORS, ATTACKERS, Aggregator, Attacker
+from backdoors.federated.wrappers import NESTED_KEYS
 from backdoors.models import MODELS
 from backdoors.registry import Registry
 from backdoors.runs import RunFolder, check_finite, load_into, load_weights
@@ -131,7 +132,7 @@ def resolved_config(config: Config, comps: Components) -> dict[str, Any]:
         out[section] = _with_defaults(registry, out[section] or {"name": comps.model_name})
     if config.federated is not None:
         fed = out["federated"]
-        fed["aggregator"] = _with_defaults(AGGREGATORS, fed["aggregator"])
+        fed["aggregator"] = _aggregator_defaults(fed["aggregator"])
         fed["attacker"] = _with_defaults(ATTACKERS, fed["attacker"])
     for section, key in PATH_KEYS:
         if key in out[section]:
@@ -153,6 +154,15 @@ def _with_defaults(registry: Registry[Any], given: dict[str, Any]) -> dict[str, 
     params = registry.parameters(given["name"])
     defaults = {k: p.default for k, p in params.items() if p.default is not p.empty}
     return {"name": given["name"], **defaults, **{k: v for k, v in given.items() if k != "name"}}
+
+
+def _aggregator_defaults(given: str | dict[str, Any]) -> dict[str, Any]:
+    """An aggregator with its defaults, and those of the rules it wraps (`inner`, ...)."""
+    out = _with_defaults(AGGREGATORS, {"name": given} if isinstance(given, str) else given)
+    for key in NESTED_KEYS:
+        if isinstance(out.get(key), (str, dict)):
+            out[key] = _aggregator_defaults(out[key])
+    return out
 
 
 def fingerprint(resolved: dict[str, Any]) -> str:

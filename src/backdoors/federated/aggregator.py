@@ -40,6 +40,7 @@ class RoundContext:
     # The server's own abilities (root data, scratch models); None where the caller has
     # none (unit tests of pure rules). Rules that need it declare `needs_server`.
     server: ServerView | None = None
+    last: int = 0  # the run's last round (0: unknown), for rules that report at the end
 
     def step(self, mean_update: Tensor, k: int) -> Tensor:
         """The server step for a mean-like aggregate of k updates."""
@@ -83,6 +84,11 @@ class Aggregator(ABC):
     @abstractmethod
     def aggregate(self, updates: Tensor, ctx: RoundContext) -> Aggregate:
         """updates: [K, P] flattened client updates (local - global)."""
+
+    def report(self, ctx: RoundContext) -> dict[str, float]:
+        """Extra figures for the round's row, asked after aggregation (e.g. CRFL's
+        certificate, the share of coordinates RLR flipped); most rules have none."""
+        return {}
 
     def state_dict(self) -> dict[str, Tensor]:
         """State kept across rounds (for resume); most rules keep none."""

@@ -1,7 +1,7 @@
-"""Averaging aggregators: the mean (Backdoors 101's and FedAvg's) and its robust variants
-(norm clipping, weak DP, coordinate-wise median and trimmed mean), thin registered
-adapters around the pure rules in `aggregation.py`. The server step is the Backdoors 101
-one (arXiv 1807.00459), see aggregator.py.
+"""Averaging aggregators: the mean (Backdoors 101's and FedAvg's) and its coordinate-wise
+robust variants (median, trimmed mean), thin registered adapters around the pure rules in
+`aggregation.py` (norm clipping and weak DP wrap any of them: wrappers.py). The server
+step is the Backdoors 101 one (arXiv 1807.00459), see aggregator.py.
 """
 
 from __future__ import annotations
@@ -16,6 +16,13 @@ from backdoors.federated.aggregator import AGGREGATORS, Aggregate, Aggregator, R
 def _uniform(like: Tensor) -> Tensor:
     """1/K for each of the K rows of `like`, on its device."""
     return torch.full((len(like),), 1.0 / len(like), dtype=like.dtype, device=like.device)
+
+
+def sample_weights(updates: Tensor, ctx: RoundContext) -> Tensor | None:
+    """Each update's share of the round's local samples (FedAvg's weights); None when no
+    client trained on any sample."""
+    total = float(ctx.samples.sum())
+    return None if total == 0 else ctx.samples.to(updates.device, updates.dtype) / total
 
 
 @AGGREGATORS.register("original")
@@ -41,62 +48,10 @@ class FedAvg(Aggregator):
 
     def aggregate(self, updates: Tensor, ctx: RoundContext) -> Aggregate:
         k = len(updates)
-        if not self.weighted or float(ctx.samples.sum()) == 0:
-            w = _uniform(updates)
-        else:
-            w = ctx.samples.to(updates.device, updates.dtype) / float(ctx.samples.sum())
+        w = sample_weights(updates, ctx) if self.weighted else None
+        if w is None:
+            return Aggregate(ctx.step(rules.mean(updates), k), _uniform(updates))
         return Aggregate(ctx.step(rules.mean(updates, w), k), w)
-
-
-def _bound(updates: Tensor, bound: float | None) -> float:
-    """A fixed norm bound, or (None) the median norm of this round's updates."""
-    return float(updates.norm(dim=1).median()) if bound is None else bound
-
-
-@AGGREGATORS.register("norm_clipping")
-class NormClipping(Aggregator):
-    """Norm clipping: bound each update's L2 norm, then average (arXiv 1911.07963).
-
-    Sun et al., "Can You Really Backdoor Federated Learning?": every update is scaled down
-    to L2 norm <= `bound`; `bound` null (default) uses the median norm of the round's
-    updates. Flags clipped updates."""
-
-    flags_clients = True
-
-    def __init__(self, bound: float | None = None) -> None:
-        if bound is not None and bound <= 0:
-            raise ValueError(f"bound must be > 0, got {bound}")
-        self.bound = bound
-
-    def aggregate(self, updates: Tensor, ctx: RoundContext) -> Aggregate:
-        k = len(updates)
-        clipped, scale = rules.clip_norms(updates, _bound(updates, self.bound))
-        return Aggregate(ctx.step(clipped.mean(0), k), scale / k, scale < 1)
-
-
-@AGGREGATORS.register("weak_dp")
-class WeakDP(Aggregator):
-    """Weak DP: clip each update, average, add Gaussian noise (arXiv 1911.07963).
-
-    Sun et al.; Backdoors 101's fl_diff_privacy. Each update is clipped to `clip` (null:
-    the round's median norm), the server step applied, then Gaussian noise of std `noise`
-    (default 0.001) added to every coordinate. Flags clipped updates."""
-
-    flags_clients = True
-
-    def __init__(self, clip: float | None = None, noise: float = 0.001) -> None:
-        if clip is not None and clip <= 0:
-            raise ValueError(f"clip must be > 0, got {clip}")
-        if noise < 0:
-            raise ValueError(f"noise must be >= 0, got {noise}")
-        self.clip, self.noise = clip, noise
-
-    def aggregate(self, updates: Tensor, ctx: RoundContext) -> Aggregate:
-        k = len(updates)
-        clipped, scale = rules.clip_norms(updates, _bound(updates, self.clip))
-        noisy = rules.add_gaussian_noise(ctx.step(clipped.mean(0), k), self.noise,
-                                         ctx.generator)
-        return Aggregate(noisy, scale / k, scale < 1)
 
 
 @AGGREGATORS.register("median")

@@ -104,7 +104,7 @@ class RoundLoop:
             self.server.set_global(global_params, global_buffers)
         ctx = RoundContext(self.fc.eta, self.fc.participants, torch.tensor(sampled),
                            torch.tensor(samples), stream(self.seed, SERVER, round_), self.head,
-                           round_, self.server)
+                           round_, self.server, self.last)
         agg = self.aggregator.aggregate(self.updates, ctx)
         new_params = global_params + agg.delta
         if not bool(torch.isfinite(new_params).all()):
@@ -132,7 +132,7 @@ class RoundLoop:
             "detection": detection(flagged, bad)
             if flagged is not None and self.aggregator.flags_clients else None,
             "train_loss": {k: sum(v) / len(v) for k, v in losses.items()},
-            **metrics,
+            **metrics, **self.aggregator.report(ctx),
             # train_seconds - local_train_seconds: the per-client setup cost.
             "train_seconds": trained - start, "local_train_seconds": busy,
             "aggregate_seconds": aggregated - trained,

@@ -21,8 +21,9 @@ from backdoors.training.optim import make_optimizer
 
 
 class ServerView:
-    """A scratch model, the clean training set to draw a root dataset from, and the global
-    weights of the round being aggregated (`global_params`, `global_buffers`)."""
+    """A scratch model, the clean training set to draw a root dataset from, the global
+    weights of the round being aggregated (`global_params`, `global_buffers`), the
+    clients' optimizer settings (`tc`: `tc.lr` is their learning rate) and the test set."""
 
     def __init__(self, model: nn.Module, clean_train: ArrayDataset, honest: Attack,
                  tc: TrainConfig, test_loader: Loader, seed: int, augment: bool,
@@ -32,6 +33,7 @@ class ServerView:
         self.local = LocalTraining(self.flat, make_optimizer(scratch, tc), test_loader,
                                    tc.batch_size, device, augment, tc.max_batches)
         self.clean_train, self.honest, self.tc = clean_train, honest, tc
+        self.test_loader = test_loader  # held-out inputs for certificates (CRFL)
         self.seed, self.device = seed, device
         self.num_classes = getattr(model, "num_classes", None)
         self.input_shape = tuple(getattr(model, "input_shape", clean_train.images.shape[1:]))
