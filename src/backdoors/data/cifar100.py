@@ -97,6 +97,10 @@ def load_cifar100(data_dir: str | Path | None = None, label: str = "fine",
     if folder is None:
         hint = next((h for f in (root / "cifar-100-python", root) if (h := near_miss(f, FILES))),
                     "")
+        partial = root / "cifar-100-python"
+        lacking = [name for name in FILES if not (partial / name).is_file()]
+        if partial.is_dir() and not hint:
+            hint = f"; {partial} lacks {', '.join(lacking)}"
         raise DataError(f"CIFAR-100 not found in {root}: looked for cifar-100-python/ (and "
                         f"{root} itself) holding the python version's train, test and meta "
                         f"files{hint}; set download: true to fetch it from {CIFAR100_URL}")
