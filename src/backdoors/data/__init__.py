@@ -1,6 +1,18 @@
 """Tasks and datasets. Importing this package registers every task in TASKS."""
 
-from backdoors.data import cifar, counting, digits, image_folder, mnist, multimnist, pipa, synthetic  # noqa: F401,E501
+from backdoors.data import (  # noqa: F401
+    cifar,
+    cifar100,
+    counting,
+    digits,
+    gtsrb,
+    image_folder,
+    mnist,
+    multimnist,
+    pipa,
+    synthetic,
+    tiny_imagenet,
+)
 from backdoors.data.dataset import ArrayDataset, Dataset
 from backdoors.data.loader import Loader
 from backdoors.data.task import TASKS, Task

@@ -24,6 +24,7 @@ except ImportError:  # numpy < 2
 PICKLE_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 BINARY_FILES = [f"{name}.bin" for name in PICKLE_FILES]
 _RECORD = 1 + 3 * 32 * 32  # binary format: one label byte, then 3072 pixel bytes (CHW)
+_CIFAR10_BATCH = "a CIFAR-10 batch with 'data' and 'labels'"
 
 
 # Everything a pickled dict of numpy arrays needs; the files were written by Python 2 numpy,
@@ -49,38 +50,47 @@ class _ArrayUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refusing to load global {module}.{name}") from None
 
 
-def _read_pickle_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def load_array_pickle(path: Path, kind: str = "CIFAR-10 batch",
+                      keys: str = "'data' and 'labels'") -> dict[str, Any]:
+    """A pickled dict of numpy arrays, lists and bytes (the CIFAR python files), read
+    through the restricted unpickler, with str keys; `kind` and `keys` say what the file
+    should be in the one-line DataError when it is not."""
     try:
         with path.open("rb") as fh:
             batch = _ArrayUnpickler(fh, encoding="bytes").load()
     except Exception as exc:  # a malformed pickle can raise almost anything
         raise DataError(f"cannot read CIFAR batch {path}: {reason(exc)}; expected a pickled "
-                        "CIFAR-10 batch") from None
+                        f"{kind}") from None
     if not isinstance(batch, dict):
-        raise DataError(f"{path} is not a CIFAR batch: expected a dict with 'data' and "
-                        f"'labels', got {type(batch).__name__}")
+        raise DataError(f"{path} is not a {kind}: expected a dict with {keys}, got "
+                        f"{type(batch).__name__}")
     # Python 2 wrote the keys as byte strings; latin-1 decodes any bytes (ASCII unchanged).
-    batch = {k.decode("latin-1") if isinstance(k, bytes) else str(k): v for k, v in batch.items()}
-    data = _pickled_data(batch, path)
-    return data.reshape(-1, 3, 32, 32), _checked_labels(batch, len(data), path)
+    return {k.decode("latin-1") if isinstance(k, bytes) else str(k): v for k, v in batch.items()}
 
 
-def _missing_key(batch: dict[str, Any], key: str, path: Path) -> DataError:
+def _read_pickle_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    batch = load_array_pickle(path)
+    data = pickled_data(batch, path)
+    return data.reshape(-1, 3, 32, 32), checked_labels(batch, len(data), path)
+
+
+def _missing_key(batch: dict[str, Any], key: str, path: Path,
+                 expected: str = _CIFAR10_BATCH) -> DataError:
     keys = ", ".join(sorted(batch)[:8]) or "none"
     if key == "labels" and "fine_labels" in batch:
         return DataError(f"{path} looks like a CIFAR-100 batch ('fine_labels'); expected "
                          "CIFAR-10's 'labels'")
     near = next((f"; found '{k}'{h}" for k in sorted(batch) if (h := did_you_mean(k, [key]))),
                 "")
-    return DataError(f"{path} has no '{key}' entry (keys: {keys}){near}; expected a CIFAR-10 "
-                     "batch with 'data' and 'labels'")
+    return DataError(f"{path} has no '{key}' entry (keys: {keys}){near}; expected {expected}")
 
 
-def _pickled_data(batch: dict[str, Any], path: Path) -> np.ndarray:
+def pickled_data(batch: dict[str, Any], path: Path,
+                 expected: str = _CIFAR10_BATCH) -> np.ndarray:
     """The batch's 'data': uint8 [N, 3072] with N >= 1, else a DataError naming the file."""
     data = batch.get("data")
     if data is None:
-        raise _missing_key(batch, "data", path)
+        raise _missing_key(batch, "data", path, expected)
     if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2
             or data.shape[1] != _RECORD - 1):
         got = (f"{data.dtype} {list(data.shape)}" if isinstance(data, np.ndarray)
@@ -91,14 +101,17 @@ def _pickled_data(batch: dict[str, Any], path: Path) -> np.ndarray:
     return data
 
 
-def _checked_labels(batch: dict[str, Any], n: int, path: Path) -> np.ndarray:
-    """The batch's 'labels' as int64 [n] in 0..9, else a DataError saying what is wrong."""
-    labels = batch.get("labels")
+def checked_labels(batch: dict[str, Any], n: int, path: Path, key: str = "labels",
+                   num_classes: int = 10, expected: str = _CIFAR10_BATCH) -> np.ndarray:
+    """The batch's `key` entry as int64 [n] in 0..num_classes-1, else a DataError saying
+    what is wrong."""
+    top = num_classes - 1
+    labels = batch.get(key)
     if labels is None:
-        raise _missing_key(batch, "labels", path)
+        raise _missing_key(batch, key, path, expected)
     if not isinstance(labels, list | tuple | np.ndarray):
-        raise DataError(f"{path}: 'labels' is {type(labels).__name__}; expected a list of "
-                        f"{n} integers 0..9")
+        raise DataError(f"{path}: '{key}' is {type(labels).__name__}; expected a list of "
+                        f"{n} integers 0..{top}")
     if len(labels) != n:
         raise DataError(f"{path} holds {len(labels)} labels for {n} images; expected one "
                         "label per image")
@@ -107,17 +120,17 @@ def _checked_labels(batch: dict[str, Any], n: int, path: Path) -> np.ndarray:
     except ValueError:  # ragged nesting, e.g. [[1], 2]
         array = np.asarray(labels, dtype=object)
     if array.ndim != 1:
-        raise DataError(f"{path}: 'labels' is nested, shape {list(array.shape)}; expected a "
-                        f"flat list of {n} integers 0..9")
+        raise DataError(f"{path}: '{key}' is nested, shape {list(array.shape)}; expected a "
+                        f"flat list of {n} integers 0..{top}")
     # Huge Python ints also give an object array; the range check below reports those.
     if array.dtype.kind not in "iu":
         bad = next((v for v in labels if not _is_int(v)), labels[0])
         if not _is_int(bad):
-            raise DataError(f"{path}: 'labels' holds {type(bad).__name__} values such as "
-                            f"{bad!r:.40}; expected integers 0..9")
-    if not 0 <= array.min() <= array.max() <= 9:
-        at = next(i for i, v in enumerate(array) if not 0 <= v <= 9)
-        raise DataError(f"{path} holds label {array[at]} at index {at}; expected 0..9")
+            raise DataError(f"{path}: '{key}' holds {type(bad).__name__} values such as "
+                            f"{bad!r:.40}; expected integers 0..{top}")
+    if not 0 <= array.min() <= array.max() <= top:
+        at = next(i for i, v in enumerate(array) if not 0 <= v <= top)
+        raise DataError(f"{path} holds label {array[at]} at index {at}; expected 0..{top}")
     return array.astype(np.int64)
 
 
