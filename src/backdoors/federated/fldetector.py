@@ -45,18 +45,30 @@ def lbfgs_hvp(s: Tensor, y: Tensor, v: Tensor) -> Tensor:
     return out.to(v.dtype)
 
 
-def _kmeans(x: Tensor, k: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Labels and centres of k-means on the rows of x (sklearn, k-means++, 10 inits)."""
-    from sklearn.cluster import KMeans
-
-    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(x.double().numpy())
-    return torch.as_tensor(km.labels_), torch.as_tensor(km.cluster_centers_)
-
-
-def _dispersion(x: Tensor, k: int, seed: int) -> float:
-    """Within-cluster sum of squared distances of k-means with k clusters."""
-    labels, centres = _kmeans(x, k, seed)
-    return max(float((x.double() - centres[labels]).pow(2).sum()), 1e-30)
+def kmeans_1d(x: Tensor, k: int) -> tuple[Tensor, float]:
+    """Optimal k-means of 1-D values by dynamic programming over the sorted values (exact
+    and deterministic, where Lloyd's algorithm needs restarts): labels numbered from the
+    lowest cluster up, and the within-cluster sum of squares."""
+    xs, order = x.double().flatten().sort()
+    n = len(xs)
+    sums = torch.nn.functional.pad(xs.cumsum(0), (1, 0))
+    squares = torch.nn.functional.pad(xs.pow(2).cumsum(0), (1, 0))
+    i, j = torch.arange(n + 1)[:, None], torch.arange(n + 1)[None, :]
+    seg = sums[j] - sums[i]
+    cost = (squares[j] - squares[i] - seg.pow(2) / (j - i).clamp(min=1)).clamp(min=0)
+    cost = torch.where(j > i, cost, torch.full_like(cost, float("inf")))  # [i, j) non-empty
+    best, back = cost[0], []
+    for _ in range(k - 1):
+        best, arg = (best[:, None] + cost).min(0)
+        back.append(arg)
+    sorted_labels = torch.zeros(n, dtype=torch.long)
+    end = n
+    for arg in reversed(back):
+        end = int(arg[end])
+        sorted_labels[end:] += 1
+    labels = torch.empty_like(sorted_labels)
+    labels[order] = sorted_labels
+    return labels, float(best[n])
 
 
 def gap_clusters(scores: Tensor, generator: torch.Generator, references: int = 20,
@@ -64,20 +76,18 @@ def gap_clusters(scores: Tensor, generator: torch.Generator, references: int = 2
     """The number of clusters gap statistics (Tibshirani et al., 2001) find in 1-D scores:
     min-max normalised, compared with `references` uniform samples on [0, 1]; the smallest
     k with gap(k) >= gap(k + 1) - s(k + 1). FLDetector's official code uses 20 references
-    and k up to 10."""
-    x = scores.double().reshape(-1, 1)
+    and k up to 10 (with sklearn's k-means; here the exact 1-D optimum)."""
+    x = scores.double().flatten()
     span = float(x.max() - x.min())
     k_max = min(k_max, len(x) - 1, len(x.unique()))
     if k_max < 2 or span == 0:
         return 1
     x = (x - x.min()) / span
-    seeds = torch.randint(2**31 - 1, (k_max + 1,), generator=generator).tolist()
+    uniform = torch.rand(references, len(x), generator=generator, dtype=torch.float64)
     gaps, sds = [], []
     for k in range(1, k_max + 1):
-        ref = torch.stack([torch.tensor(_dispersion(
-            torch.rand(len(x), 1, generator=generator, dtype=torch.float64), k, seeds[k]))
-            for _ in range(references)]).log()
-        gaps.append(float(ref.mean()) - torch.tensor(_dispersion(x, k, seeds[k])).log().item())
+        ref = torch.tensor([max(kmeans_1d(u, k)[1], 1e-30) for u in uniform]).log()
+        gaps.append(float(ref.mean()) - torch.tensor(max(kmeans_1d(x, k)[1], 1e-30)).log().item())
         sds.append(float(ref.std(unbiased=False)) * (1 + 1 / references) ** 0.5)
     for k in range(1, k_max):
         if gaps[k - 1] >= gaps[k] - sds[k]:
@@ -85,10 +95,9 @@ def gap_clusters(scores: Tensor, generator: torch.Generator, references: int = 2
     return k_max
 
 
-def malicious_cluster(scores: Tensor, seed: int) -> Tensor:
+def malicious_cluster(scores: Tensor) -> Tensor:
     """k-means with two clusters on the scores; True for the cluster with the larger mean."""
-    labels, centres = _kmeans(scores.double().reshape(-1, 1), 2, seed)
-    return labels == int(centres[:, 0].argmax())
+    return kmeans_1d(scores, 2)[0] == 1
 
 
 @AGGREGATORS.register("fldetector")
@@ -167,8 +176,7 @@ class FLDetector(Aggregator):
         if t > self.warmup and len(scores) >= 3:
             values = torch.tensor(list(scores.values()), dtype=torch.float64)
             if gap_clusters(values, ctx.generator, self.references, self.k_max) > 1:
-                seed = int(torch.randint(2**31 - 1, (1,), generator=ctx.generator))
-                bad = malicious_cluster(values, seed)
+                bad = malicious_cluster(values)
                 evil = {pid for pid, b in zip(scores, bad.tolist(), strict=True) if b}
                 flagged = torch.tensor([pid in evil for pid in ids], device=updates.device)
         mean_update, coef = rules.accepted_mean(updates, ctx.samples, ~flagged)
