@@ -160,7 +160,7 @@ class DeepSight(Aggregator):
             ddif.append(torch.cdist(d, d))
         clusters = merged_clusters(rules.cosine_distances(biases), torch.cdist(neup, neup),
                                    ddif, self.min_cluster_size)
-        keep = accepted(clusters, labels, self.tau).to(updates.device)
+        keep = accepted(clusters, labels.cpu(), self.tau).to(updates.device)
         bound = float(updates.norm(dim=1).median())
         clipped, scale = rules.clip_norms(updates, bound)
         coef = torch.where(keep, scale, torch.zeros_like(scale))
