@@ -16,6 +16,8 @@ POISON, TRAIN, EVAL, TRIGGER, DP_NOISE = 1, 2, 3, 4, 5
 CLEAN_BUDGET, DEFENSE = 11, 12
 # Federated learning:
 PARTITION, SAMPLE, CLIENT, SERVER, SERVER_ROOT, ATTACKER = 21, 22, 23, 24, 25, 26
+# The server's probes of client models (DeepSight's random inputs, BackdoorIndicator's data):
+SERVER_PROBE = 27
 
 _FOLD, _MODULUS = 1_000_003, 2**63 - 1
 

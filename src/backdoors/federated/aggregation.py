@@ -25,6 +25,16 @@ def mean(updates: Tensor, weights: Tensor | None = None) -> Tensor:
     return (w[:, None] * updates).sum(0) / w.sum().clamp(min=1e-12)
 
 
+def accepted_mean(updates: Tensor, samples: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """FedAvg of the kept updates, weighted by their sample counts (uniformly where the
+    kept ones trained on none); zero when none is kept. Returns (mean, coefficients)."""
+    weights = samples.to(updates.device, updates.dtype) * keep
+    if float(weights.sum()) == 0:
+        weights = keep.to(updates.dtype)
+    coef = weights / weights.sum().clamp(min=1e-12)
+    return (coef[:, None] * updates).sum(0), coef
+
+
 def clip_norms(updates: Tensor, bound: float) -> tuple[Tensor, Tensor]:
     """Scale each update down to L2 norm <= bound (Sun et al., "Can You Really Backdoor
     Federated Learning?", arXiv 1911.07963). Returns (clipped, scale factors)."""
@@ -75,6 +85,17 @@ def cosine_distances(updates: Tensor) -> Tensor:
     return (1 - unit @ unit.T).clamp(min=0)
 
 
+def hdbscan_labels(distances: Tensor, min_cluster_size: int) -> Tensor:
+    """HDBSCAN cluster labels (-1: noise) of a precomputed [K, K] distance matrix, with
+    min_samples 1 and a single cluster allowed (FLAME's and DeepSight's setting)."""
+    from sklearn.cluster import HDBSCAN
+
+    labels = HDBSCAN(min_cluster_size=max(2, min_cluster_size), min_samples=1,
+                     metric="precomputed", copy=True, allow_single_cluster=True
+                     ).fit_predict(distances.double().cpu().numpy())
+    return torch.as_tensor(labels, dtype=torch.long)
+
+
 def flame(
     updates: Tensor, noise_factor: float = 0.001, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -85,13 +106,8 @@ def flame(
     norm of all updates; 3) Gaussian noise with std noise_factor * that norm is added to
     their mean. Returns (aggregate, kept indices).
     """
-    from sklearn.cluster import HDBSCAN
-
     k = updates.shape[0]
-    dist = cosine_distances(updates).cpu().numpy()
-    labels = HDBSCAN(min_cluster_size=k // 2 + 1, min_samples=1, metric="precomputed", copy=True,
-                     allow_single_cluster=True).fit_predict(dist)
-    labels_t = torch.as_tensor(labels, device=updates.device)
+    labels_t = hdbscan_labels(cosine_distances(updates), k // 2 + 1).to(updates.device)
     if bool((labels_t >= 0).any()):
         majority = labels_t[labels_t >= 0].mode().values
         kept = (labels_t == majority).nonzero().flatten()

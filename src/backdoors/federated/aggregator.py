@@ -81,6 +81,13 @@ class Aggregator(ABC):
     def check(self, per_round: int) -> None:  # noqa: B027 - most rules take any K
         """Raise ValueError when the rule cannot work with `per_round` updates."""
 
+    def before_round(self, ctx: RoundContext) -> Tensor | None:
+        """Called before the round's clients train (`ctx.samples` is not known yet):
+        return parameters to replace the global model the clients start from and the
+        aggregate is added to (BackdoorIndicator plants its indicator), or None (default)
+        to leave it."""
+        return None
+
     @abstractmethod
     def aggregate(self, updates: Tensor, ctx: RoundContext) -> Aggregate:
         """updates: [K, P] flattened client updates (local - global)."""

@@ -96,15 +96,22 @@ class RoundLoop:
         start = time.perf_counter()
         sampled, bad = sample_round(self.fc, self.seed, round_)
         global_params, global_buffers = self.flat.read()
+        if self.server is not None:
+            self.server.set_global(global_params, global_buffers)
+        ctx = RoundContext(self.fc.eta, self.fc.participants, torch.tensor(sampled),
+                           torch.zeros(len(sampled), dtype=torch.long),
+                           stream(self.seed, SERVER, round_), self.head, round_, self.server,
+                           self.last)
+        replaced = self.aggregator.before_round(ctx)
+        if replaced is not None:  # the round starts from, and adds to, the rule's global
+            global_params = replaced
+            if self.server is not None:
+                self.server.set_global(global_params, global_buffers)
         clients = self.engine.train_round(round_, sampled, bad,
                                           (global_params, global_buffers), self.updates)
         samples, losses, busy = clients.samples, clients.losses, clients.busy
         trained = time.perf_counter()
-        if self.server is not None:
-            self.server.set_global(global_params, global_buffers)
-        ctx = RoundContext(self.fc.eta, self.fc.participants, torch.tensor(sampled),
-                           torch.tensor(samples), stream(self.seed, SERVER, round_), self.head,
-                           round_, self.server, self.last)
+        ctx.samples = torch.tensor(samples)
         agg = self.aggregator.aggregate(self.updates, ctx)
         new_params = global_params + agg.delta
         if not bool(torch.isfinite(new_params).all()):
