@@ -13,14 +13,15 @@ import pytest
 import torch
 import yaml
 from conftest import TINY
-from test_federated_sim import fl, rows
+from test_federated_sim import _StopAfter, fl, rows
 
 from backdoors.attacks import ATTACKS
 from backdoors.cli import main as cli_main
-from backdoors.config import FederatedConfig
+from backdoors.config import FederatedConfig, from_dict
 from backdoors.data import TASKS
 from backdoors.data.dataset import ArrayDataset
 from backdoors.data.loader import Loader
+from backdoors.experiment import Interrupted, resume, run
 from backdoors.federated import ATTACKERS, Attacker, AttackerSetup
 from backdoors.federated.attackers.chameleon import Chameleon
 from backdoors.federated.attackers.parts import split_trigger
@@ -283,3 +284,18 @@ def test_attack_window_attacks_exactly_its_rounds(tmp_path):
     assert summary["attack_rounds"] == [3, 4] and summary["last_attack_round"] == 4
     assert len(summary["asr_since_attack"]) == 6 - 4
     assert summary["asr_1_rounds_after"] == table[4]["asr"]
+
+
+@pytest.mark.parametrize("name", ["dba", "neurotoxin"])
+def test_stateful_attackers_resume_like_an_uninterrupted_run(tmp_path, name):
+    cfg = from_dict(fl(copy.deepcopy(TINY), rounds=3, attack_round=None, adversaries=4,
+                       attackers_per_round=2, attack_window=[2, 3],
+                       attacker={"name": name}))
+    whole = run(cfg, out=tmp_path, name="whole", quiet=True)
+    with pytest.raises(Interrupted):
+        run(cfg, out=tmp_path, name="cut", hooks=[_StopAfter(2)], quiet=True)
+    resumed = resume(tmp_path / "cut", quiet=True)
+    assert [r["round"] for r in rows(resumed)] == [1, 2, 3]
+    for key in ("clean_accuracy", "asr", "max_asr"):
+        assert resumed[key] == pytest.approx(whole[key], abs=1e-6)
+    assert rows(resumed)[-1]["update_norms"] == pytest.approx(rows(whole)[-1]["update_norms"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -52,3 +54,11 @@ class DBA(ModelReplacement):
                  generator: torch.Generator) -> dict[str, float]:
         return {f"asr_part_{i + 1}": evaluate(model, test_loader, part, generator)["asr"]
                 for i, part in enumerate(self.parts)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The part attacks' running state (e.g. a blind attack's loss window), for resume."""
+        return {"parts": [attack.state_dict() for attack in self.attacks]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for attack, saved in zip(self.attacks, state.get("parts", []), strict=False):
+            attack.load_state_dict(saved)
