@@ -58,6 +58,12 @@ class FlatModel:
         _unflat(buffers, self.buffers)
 
     @torch.no_grad()
+    def write_params(self, params: Tensor) -> None:
+        """Copy a flat parameter vector into the model (buffers untouched): an attacker's
+        projection or mask during local training."""
+        _unflat(params, self.params)
+
+    @torch.no_grad()
     def update_into(self, start: Tensor, out: Tensor) -> None:
         """out = current parameters - start (the client's update), without a temporary."""
         offset = 0
