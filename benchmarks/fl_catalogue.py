@@ -154,7 +154,7 @@ def main() -> None:
                                                             weights, args)), out=tmp,
                                            quiet=True))
                       for label, agg in aggregators.items()}
-        for label, agg in aggregators.items():
+        for label in aggregators:
             print(f"{label}, no attack: clean {pct(clean_base[label][-1]['clean_accuracy'])}",
                   flush=True)
         for a_label, attacker in attackers.items():

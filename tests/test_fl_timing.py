@@ -46,7 +46,7 @@ def test_forced_attackers_are_in_every_attack_round_and_only_then():
         sampled, bad = sample_round(fc, 1, r)
         assert len(sampled) == len(set(sampled)) == 10
         if 2 <= r <= 4:
-            assert sum(bad) == 3 and all(p < 10 for p, b in zip(sampled, bad) if b)
+            assert sum(bad) == 3 and all(p < 10 for p, b in zip(sampled, bad, strict=True) if b)
         else:
             assert not any(bad)
 
