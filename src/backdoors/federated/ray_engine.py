@@ -89,9 +89,9 @@ class ClientWorker:
 
 class RayEngine:
     """Clients on `fc.workers` Ray actors of `client_cpus` CPUs and `client_gpus` GPUs each
-    (cuda when client_gpus > 0, else cpu). Connects to `fc.ray_address` when given, else
-    to the Ray this process already runs, else starts a local one; `close` ends the actors
-    and only a Ray it started."""
+    (cuda when client_gpus > 0, else cpu). Uses the Ray this process already runs, else
+    joins `fc.ray_address`, else starts a local one; `close` ends the actors and only a
+    Ray it started."""
 
     def __init__(self, clients: ClientSide, fc: FederatedConfig, resolved: dict[str, Any],
                  build: Callable[[dict[str, Any], str], ClientSide]) -> None:
