@@ -22,6 +22,7 @@ from backdoors.defenses import DEFENSES, Defense
 from backdoors.defenses.runner import check_fits
 from backdoors.errors import ConfigError
 from backdoors.federated import AGGREGATORS, ATTACKERS, Aggregator, Attacker
+from backdoors.federated.ray_engine import check_ray
 from backdoors.federated.wrappers import NESTED_KEYS
 from backdoors.models import MODELS
 from backdoors.registry import Registry
@@ -99,6 +100,8 @@ def _build(config: Config, fresh: bool) -> Components:
         aggregator = build_aggregator(config.federated.aggregator, config.federated.per_round)
         attacker = ATTACKERS.build(config.federated.attacker.name,
                                    config.federated.attacker.kwargs, "federated.attacker")
+        if config.federated.engine == "ray":
+            check_ray(attack)
     defenses = []
     for i, d in enumerate(config.defenses):
         defense = DEFENSES.build(d.name, d.kwargs, f"defenses[{i}]")

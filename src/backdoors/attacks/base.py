@@ -57,6 +57,12 @@ class Attack(ABC):
     ) -> StepReport:
         """Compute this step's losses and accumulate their gradients into the model."""
 
+    def carried_state(self) -> str | None:
+        """What in this attack's training depends on state earlier training left in it
+        (one line naming the option), or None. Federated clients trained in parallel
+        (the Ray engine) cannot replay the order such state builds up in."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """Running state to checkpoint (for exact resume)."""
         return {}

@@ -86,6 +86,12 @@ class BlindAttack(PerSampleAttack):
         for term in self.terms.values():
             term.setup(model, self.synthesizer)
 
+    def carried_state(self) -> str | None:
+        if self.loss_threshold is None:
+            return None
+        return ("attack.loss_threshold (its window of recent losses carries over from one "
+                "client's training to the next)")
+
     def _attacking(self, generator: torch.Generator) -> bool:
         if self.loss_threshold is not None:
             window = self.recent_normal

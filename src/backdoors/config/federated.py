@@ -107,6 +107,13 @@ class FederatedConfig:
         if window is not None and (len(window) != 2 or not 1 <= window[0] <= window[1]):
             raise ConfigError("federated.attack_window must be [first, last] with "
                               f"1 <= first <= last, got {window}")
+        # An attack scheduled only inside the warm-up would silently never happen.
+        if self.attack_round is not None and self.attack_round <= self.warmup_rounds:
+            raise ConfigError(f"federated.attack_round ({self.attack_round}) must come after "
+                              f"the warm-up rounds (warmup_rounds={self.warmup_rounds})")
+        if window is not None and window[1] <= self.warmup_rounds:
+            raise ConfigError(f"federated.attack_window {window} ends within the warm-up "
+                              f"rounds (warmup_rounds={self.warmup_rounds}); it must end after")
         if self.attack_fraction is not None and not 0 < self.attack_fraction <= 1:
             raise ConfigError("federated.attack_fraction must be in (0, 1], got "
                               f"{self.attack_fraction}")

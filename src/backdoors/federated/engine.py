@@ -28,6 +28,18 @@ class RoundResult:
     busy: float = 0.0
 
 
+@dataclass
+class ClientSide:
+    """What trains clients in one process: the model (inside `local`), the participants'
+    data, the honest and compromised plans and the bound attacker. Built in one place
+    (assembly/loops.py::client_side) for the round loop and for every Ray worker."""
+
+    population: Population
+    local: LocalTraining
+    plans: tuple[LocalPlan, LocalPlan]  # honest, compromised
+    attacker: Attacker
+
+
 class ClientEngine(Protocol):
     def train_round(self, round_: int, sampled: list[int], bad: list[bool],
                     start: tuple[Tensor, Tensor], updates_out: Tensor) -> RoundResult:
@@ -41,18 +53,15 @@ class ClientEngine(Protocol):
 class LocalEngine:
     """Clients one after another on the one shared model and optimizer."""
 
-    def __init__(self, population: Population, local: LocalTraining,
-                 plans: tuple[LocalPlan, LocalPlan], attacker: Attacker) -> None:
-        self.population, self.local, self.attacker = population, local, attacker
-        self.honest_plan, self.evil_plan = plans
+    def __init__(self, clients: ClientSide) -> None:
+        self.clients = clients
 
     def train_round(self, round_: int, sampled: list[int], bad: list[bool],
                     start: tuple[Tensor, Tensor], updates_out: Tensor) -> RoundResult:
-        out = RoundResult()
+        c, out = self.clients, RoundResult()
         for i, (pid, evil) in enumerate(zip(sampled, bad, strict=True)):
-            out.buffers.append(train_client(self.population, self.local, self.attacker,
-                                            (self.honest_plan, self.evil_plan), round_, pid,
-                                            evil, start, updates_out[i], out))
+            out.buffers.append(train_client(c.population, c.local, c.attacker, c.plans, round_,
+                                            pid, evil, start, updates_out[i], out))
         return out
 
     def close(self) -> None:

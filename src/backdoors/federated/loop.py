@@ -18,59 +18,48 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from backdoors.attacks.base import Attack
 from backdoors.config import FederatedConfig, TrainConfig
-from backdoors.data.dataset import ArrayDataset
 from backdoors.data.loader import Loader
 from backdoors.errors import Diverged
 from backdoors.federated.aggregator import Aggregator, RoundContext
-from backdoors.federated.attackers import Attacker, AttackerSetup
-from backdoors.federated.clients import LocalPlan, LocalTraining
-from backdoors.federated.engine import ClientEngine, LocalEngine
+from backdoors.federated.engine import ClientEngine, ClientSide, LocalEngine
 from backdoors.federated.outputs import RoundConsole, detection, federated_scalars
 from backdoors.federated.outputs import summary_figures as round_summary
-from backdoors.federated.population import Population, sample_round, split
+from backdoors.federated.population import sample_round
 from backdoors.federated.server import ServerView
-from backdoors.federated.updates import FlatModel, mean_buffers
+from backdoors.federated.updates import mean_buffers
 from backdoors.hooks import Hook
 from backdoors.metrics import evaluate
 from backdoors.seeds import EVAL, SERVER, stream
 from backdoors.synthesizers.base import Synthesizer
-from backdoors.training.optim import make_optimizer
 
 
 class RoundLoop:
     """Plays rounds 1..fc.rounds: local training of the sampled clients, aggregation,
-    evaluation. `honest` is the clients' plain training (the `none` attack)."""
+    evaluation. `clients` trains them in this process (assembly/loops.py::client_side);
+    `engine` says who trains them (the local engine on `clients`, or Ray workers)."""
 
     unit = "round"
     scalar_group = "Federated"
     steps_per_unit = 0  # clients' steps are not logged one by one
 
-    def __init__(self, model: nn.Module, attack: Attack, honest: Attack,
-                 synthesizer: Synthesizer, train: ArrayDataset, test_loader: Loader,
-                 backdoor_loader: Loader | None, fc: FederatedConfig, tc: TrainConfig,
-                 aggregator: Aggregator, seed: int, augment: bool, device: torch.device,
-                 attacker: Attacker, make_attack: Callable[[Synthesizer], Attack],
+    def __init__(self, clients: ClientSide, attack: Attack, synthesizer: Synthesizer,
+                 test_loader: Loader, backdoor_loader: Loader | None, fc: FederatedConfig,
+                 tc: TrainConfig, aggregator: Aggregator, seed: int, augment: bool,
+                 device: torch.device,
                  engine: Callable[[RoundLoop], ClientEngine] | None = None) -> None:
         self.fc, self.tc, self.seed, self.attack = fc, tc, seed, attack
         self.synthesizer, self.aggregator = synthesizer, aggregator
         self.test_loader, self.backdoor_loader = test_loader, backdoor_loader
-        self.flat = FlatModel(model)
+        self.clients = clients
+        self.flat = clients.local.flat  # the global model, shared with the local clients
         self.head = self.flat.head()
-        self.attacker = attacker
-        attacker.bind(AttackerSetup(fc, synthesizer, attack, make_attack, self.flat.size,
-                                    self.head, seed))
-        self.population = Population(train, split(train, fc, seed), attacker.injection, seed,
-                                     device)
-        self.local = LocalTraining(self.flat, make_optimizer(model, tc), test_loader,
-                                   tc.batch_size, device, augment, tc.max_batches)
-        self.plans = (LocalPlan(honest, fc.local_epochs, tc.lr),
-                      LocalPlan(attack, fc.attacker_local_epochs or fc.local_epochs,
-                                fc.attacker_lr or tc.lr))
-        self.server = ServerView(model, train, honest, tc, test_loader, seed, augment, device) \
+        self.attacker, self.population = clients.attacker, clients.population
+        self.server = ServerView(self.flat.model, self.population.train, clients.plans[0].attack,
+                                 tc, test_loader, seed, augment, device) \
             if aggregator.needs_server else None
         # One [K, P] buffer for the round's updates, reused every round.
         self.updates = torch.empty(fc.per_round, self.flat.size, device=device)
@@ -172,4 +161,4 @@ class RoundLoop:
 
 def default_engine(loop: RoundLoop) -> ClientEngine:
     """Clients one after another in this process."""
-    return LocalEngine(loop.population, loop.local, loop.plans, loop.attacker)
+    return LocalEngine(loop.clients)
