@@ -208,7 +208,7 @@ FAMILIES = ["vgg19_bn", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny"
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_one_defense_of_each_stage_runs(name: str, attack_runs) -> None:
+def test_one_defense_of_each_stage_runs(name: str, attack_runs: dict[str, Any]) -> None:
     """test_defenses.py's attack (10% data poisoning of the synthetic task, so a dataset
     sanitiser has poison to find), 1 epoch on a quarter of the data, this model."""
     cfg = {**SYNTHETIC, "task": {"name": "synthetic", "train_size": 256, "test_size": 128},
