@@ -1,6 +1,16 @@
 """Image models. Importing this package registers every model in MODELS."""
 
-from backdoors.models import preact_resnet, resnet, simple_net, vgg  # noqa: F401
+from backdoors.models import (  # noqa: F401
+    convnext,
+    densenet,
+    efficientnet,
+    mobilenet,
+    preact_resnet,
+    resnet,
+    simple_net,
+    vgg,
+    vit,
+)
 from backdoors.models.base import MODELS, ImageClassifier, Normalize
 
 __all__ = ["MODELS", "ImageClassifier", "Normalize"]
