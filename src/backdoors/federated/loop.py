@@ -25,6 +25,7 @@ from backdoors.config import FederatedConfig, TrainConfig
 from backdoors.data.dataset import ArrayDataset
 from backdoors.data.loader import Loader
 from backdoors.errors import Diverged
+from backdoors.execution import accelerated
 from backdoors.federated.aggregator import Aggregator, RoundContext
 from backdoors.federated.attackers import Attacker, AttackerSetup
 from backdoors.federated.clients import LocalPlan, LocalTraining
@@ -65,8 +66,10 @@ class RoundLoop:
                                     self.head, seed))
         self.population = Population(train, split(train, fc, seed), attacker.injection, seed,
                                      device)
+        self.forward = accelerated(model, tc, device)
         self.local = LocalTraining(self.flat, make_optimizer(model, tc), test_loader,
-                                   tc.batch_size, device, augment, tc.max_batches)
+                                   tc.batch_size, device, augment, tc.max_batches,
+                                   self.forward)
         self.plans = (LocalPlan(honest, fc.local_epochs, tc.lr),
                       LocalPlan(attack, fc.attacker_local_epochs or fc.local_epochs,
                                 fc.attacker_lr or tc.lr))
@@ -114,7 +117,7 @@ class RoundLoop:
         self.flat.write(new_params, new_buffers)
         self.attacker.observe(round_, global_params, new_params)
         aggregated = time.perf_counter()
-        metrics = evaluate(self.flat.model, self.test_loader, self.synthesizer,
+        metrics = evaluate(self.forward, self.test_loader, self.synthesizer,
                            stream(self.seed, EVAL), self.backdoor_loader)
         metrics.update(self.attacker.evaluate(self.flat.model, self.test_loader,
                                               stream(self.seed, EVAL)))
