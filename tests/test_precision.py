@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from backdoors.assembly.build import build, fingerprint, resolved_config
 from backdoors.attacks.balancers import MGDABalancer
 from backdoors.cli import main
 from backdoors.config import from_dict
@@ -201,3 +202,14 @@ def test_bad_precision_exits_2(tiny, tmp_path, capsys):
     assert main(["train", str(path), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.precision" in err[0]
+
+
+def test_runs_made_before_the_options_keep_their_fingerprint(tiny):
+    config = from_dict(tiny)
+    resolved = resolved_config(config, build(config, fresh=False))
+    older = copy.deepcopy(resolved)
+    for key in ("precision", "channels_last", "compile"):
+        del older["train"][key]
+    assert fingerprint(resolved) == fingerprint(older)
+    resolved["train"]["precision"] = "bf16"
+    assert fingerprint(resolved) != fingerprint(older)
