@@ -11,13 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from backdoors.cli import main
 from backdoors.config import from_dict
 from backdoors.experiment import Interrupted, resume, run
 from backdoors.hooks import Hook
-from backdoors.runs import RunFolder
+from backdoors.runs import RunFolder, load_weights
 
 EPOCHS = 4
 
@@ -57,6 +58,24 @@ def test_interrupted_then_resumed_equals_uninterrupted(config, tmp_path):
     assert resumed["status"] == "completed"
     assert same_metrics(epoch_rows(tmp_path / "full"), epoch_rows(tmp_path / "part"))
     assert resumed["clean_loss"] == full["clean_loss"] and resumed["asr"] == full["asr"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_resume_is_exact_in_mixed_precision(config, tmp_path, precision):
+    """bf16 autocast, and fp16 with its loss scaler checkpointed, resume bit for bit.
+    fp16 kernels are slow on a CPU, so its run is cut to a few batches per epoch."""
+    config["train"]["precision"] = precision
+    if precision == "fp16":
+        config["train"]["max_batches"] = 2
+    full = run(from_dict(config), out=tmp_path, name="full", quiet=True)
+    with pytest.raises(Interrupted):
+        run(from_dict(config), out=tmp_path, name="part", hooks=[StopAfter(2)], quiet=True)
+    resumed = resume(tmp_path / "part", quiet=True)
+    assert same_metrics(epoch_rows(tmp_path / "full"), epoch_rows(tmp_path / "part"))
+    assert resumed["clean_loss"] == full["clean_loss"] and resumed["asr"] == full["asr"]
+    full_w = load_weights(tmp_path / "full" / "checkpoints" / "last.safetensors")
+    part_w = load_weights(tmp_path / "part" / "checkpoints" / "last.safetensors")
+    assert all(torch.equal(full_w[k], part_w[k]) for k in full_w)
 
 
 def test_completed_run_cannot_be_resumed(config, tmp_path):

@@ -29,6 +29,7 @@ from backdoors.data.augment import random_crop_flip
 from backdoors.data.dataset import ArrayDataset
 from backdoors.defenses import DefenseTarget, TrainingBudget
 from backdoors.errors import DataError, RunError
+from backdoors.execution import accelerated
 from backdoors.metrics import evaluate
 from backdoors.models import MODELS
 from backdoors.runs import (
@@ -105,7 +106,8 @@ def _target(config: Config, comps: Components, folder: RunFolder, clean: ArrayDa
     test, backdoor = evaluation_loaders(comps, config.train.test_batch_size)
 
     def score(m: nn.Module) -> dict[str, Any]:
-        return evaluate(m, test, comps.synthesizer, stream(config.seed, EVAL), backdoor)
+        forward = accelerated(m, config.train, comps.device, whole=False)
+        return evaluate(forward, test, comps.synthesizer, stream(config.seed, EVAL), backdoor)
 
     def fresh_model() -> nn.Module:
         """The architecture with the weights its training started from, built under the

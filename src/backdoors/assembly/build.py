@@ -41,6 +41,9 @@ UNFINGERPRINTED = {"name": None, "defenses": None,
                    "train": ("device", "progress", "tensorboard", "log_interval",
                              "save_on_epochs", "test_batch_size")}
 WHERE_KEYS = ("data_dir", "image")
+# Keys added after runs existed: fingerprinted only when set away from their default, so
+# a run made before them still resumes.
+LATER_KEYS = {"train": {"precision": "fp32", "channels_last": False, "compile": False}}
 # Paths written absolute in a run's config.yaml, so the folder works from any directory.
 PATH_KEYS = (("task", "data_dir"), ("synthesizer", "image"), ("train", "pretrained"),
              ("train", "resume_model"))
@@ -175,7 +178,9 @@ def fingerprint(resolved: dict[str, Any]) -> str:
         if section in UNFINGERPRINTED and UNFINGERPRINTED[section] is None:
             continue
         drop = UNFINGERPRINTED.get(section) or ()
-        kept[section] = {k: v for k, v in value.items() if k not in drop} \
+        later = LATER_KEYS.get(section, {})
+        kept[section] = {k: v for k, v in value.items()
+                         if k not in drop and (k not in later or v != later[k])} \
             if isinstance(value, dict) else value
     return _digest(json.dumps(_without_where(kept), sort_keys=True, default=str).encode())
 

@@ -16,6 +16,7 @@ from backdoors.config import Config, from_dict
 from backdoors.data.dataset import ArrayDataset
 from backdoors.data.loader import Loader
 from backdoors.errors import ConfigError
+from backdoors.execution import accelerated
 from backdoors.federated.attackers import AttackerSetup
 from backdoors.federated.clients import LocalPlan, LocalTraining
 from backdoors.federated.engine import ClientEngine, ClientSide
@@ -104,7 +105,7 @@ def client_side(config: Config, comps: Components, data: TrainingData, test: Loa
     population = Population(data.clean_train, split(data.clean_train, fc, config.seed),
                             attacker.injection, config.seed, device)
     local = LocalTraining(flat, make_optimizer(model, tc), test, tc.batch_size, device,
-                          comps.task.augment, tc.max_batches)
+                          comps.task.augment, tc.max_batches, accelerated(model, tc, device))
     plans = (LocalPlan(honest, fc.local_epochs, tc.lr),
              LocalPlan(comps.attack, fc.attacker_local_epochs or fc.local_epochs,
                        fc.attacker_lr or tc.lr))

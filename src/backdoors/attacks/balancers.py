@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from backdoors.attacks.mgda import gradient_normalizers, min_norm_weights
+from backdoors.execution.precision import loss_scale, scaled
 from backdoors.registry import Registry
 
 BALANCERS: Registry[Balancer] = Registry("balancer")
@@ -43,7 +44,7 @@ class FixedBalancer(Balancer):
     def backward(self, losses: dict[str, Tensor], params: list[nn.Parameter]) -> dict[str, float]:
         scales = self.weights(losses, params)
         total = sum(scales[t] * loss for t, loss in losses.items())
-        total.backward()  # type: ignore[union-attr]
+        scaled(total).backward()  # type: ignore[arg-type]
         return scales
 
 
@@ -56,6 +57,12 @@ class MGDABalancer(Balancer):
     min-norm convex combination of the normalised gradients gives the weights, and the
     weighted sum of the raw gradients becomes the update. The per-term gradients are
     reused for that sum, so no extra backward pass is needed (the original ran one more).
+
+    Under fp16 loss scaling the term gradients are taken of the scaled losses (so they do
+    not underflow) and divided by the scale before the min-norm solve, which then sees
+    true gradients; the combined update stays scaled for the scaler's optimizer step. A
+    step whose gradients overflowed is skipped by the scaler; its weights are reported
+    as uniform rather than as the solve's nan.
     """
 
     def __init__(self, normalize: Literal["l2", "loss", "loss+", "none", "eq"] = "loss") -> None:
@@ -63,12 +70,14 @@ class MGDABalancer(Balancer):
 
     def _solve(self, losses: dict[str, Tensor], params: list[nn.Parameter]
                ) -> tuple[Tensor, Tensor]:
-        """(weights [T], flat term gradients [T, P]) for two or more terms."""
+        """(weights [T], flat term gradients [T, P], as scaled as the losses differentiated)
+        for two or more terms."""
         names = list(losses)
         grads = []
         for i, name in enumerate(names):
             g = torch.autograd.grad(
-                losses[name], params, retain_graph=i < len(names) - 1, allow_unused=True
+                scaled(losses[name]), params, retain_graph=i < len(names) - 1,
+                allow_unused=True
             )
             grads.append(torch.cat([
                 (gi if gi is not None else torch.zeros_like(p)).flatten()
@@ -76,11 +85,15 @@ class MGDABalancer(Balancer):
             ]))
         flat = torch.stack(grads)  # [T, P]
         with torch.no_grad():
-            norms = flat.norm(dim=1)
+            scale = loss_scale(flat.device)
+            true = flat if scale is None else flat / scale
+            if scale is not None and not bool(torch.isfinite(true).all()):
+                return torch.full((len(names),), 1.0 / len(names), dtype=flat.dtype), flat
+            norms = true.norm(dim=1)
             values = torch.stack([losses[n].detach() for n in names])
             divisors = gradient_normalizers(values, norms, self.normalize).clamp(min=1e-12)
-            scaled = flat / divisors[:, None]
-            weights = min_norm_weights(scaled @ scaled.T).to(flat.dtype)
+            normalised = true / divisors[:, None]
+            weights = min_norm_weights(normalised @ normalised.T).to(flat.dtype)
         return weights, flat
 
     def weights(self, losses: dict[str, Tensor], params: list[nn.Parameter]) -> dict[str, float]:
@@ -92,7 +105,7 @@ class MGDABalancer(Balancer):
     def backward(self, losses: dict[str, Tensor], params: list[nn.Parameter]) -> dict[str, float]:
         names = list(losses)
         if len(names) == 1:
-            losses[names[0]].backward()
+            scaled(losses[names[0]]).backward()
             return {names[0]: 1.0}
         weights, flat = self._solve(losses, params)
         with torch.no_grad():

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from backdoors.batch import Batch
 from backdoors.data.dataset import Dataset
+from backdoors.execution.precision import scaled
 from backdoors.registry import Registry
 from backdoors.synthesizers.base import Synthesizer
 
@@ -74,7 +75,7 @@ class Attack(ABC):
 def cross_entropy_step(model: nn.Module, batch: Batch) -> StepReport:
     """One plain cross-entropy backward pass, reported as the `normal` task."""
     loss = F.cross_entropy(model(batch.inputs), batch.labels)
-    loss.backward()
+    scaled(loss).backward()
     return StepReport({"normal": float(loss.detach())}, {"normal": 1.0})
 
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from backdoors.attacks.balancers import Balancer, MGDABalancer
 from backdoors.attacks.loss_terms import LOSS_TERMS, LossContext, LossTerm
 from backdoors.errors import ConfigError
+from backdoors.execution.precision import no_loss_scaling
 from backdoors.synthesizers.base import Synthesizer
 
 
@@ -93,21 +94,23 @@ class NeuralCleanseEvasion(LossTerm):
         self._reversed = ctx
         for p in ctx.model.parameters():
             p.requires_grad_(False)
+        # The trigger's own optimizer steps true gradients, whatever the model's loss scale.
         try:
-            target = torch.full_like(ctx.clean.labels, self.target)
-            reverse = F.cross_entropy(ctx.model(self._stamp(ctx.clean.inputs)), target)
-            mask, _ = self.trigger()
-            penalty = mask.norm(p=self.p_norm)
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.mask_weight is not None and self.mask_norm is None:
-                (reverse + self.mask_weight * penalty).backward()
-            else:
-                scales = self.balancer.backward(
-                    {"neural_cleanse_part1": reverse, "mask_norm": penalty},
-                    [self.mask_param, self.pattern_param])
-                if self.mask_norm is not None:
-                    self.mask_norm.record(float(penalty.detach()), scales["mask_norm"])
-            self.optimizer.step()
+            with no_loss_scaling():
+                target = torch.full_like(ctx.clean.labels, self.target)
+                reverse = F.cross_entropy(ctx.model(self._stamp(ctx.clean.inputs)), target)
+                mask, _ = self.trigger()
+                penalty = mask.norm(p=self.p_norm)
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.mask_weight is not None and self.mask_norm is None:
+                    (reverse + self.mask_weight * penalty).backward()
+                else:
+                    scales = self.balancer.backward(
+                        {"neural_cleanse_part1": reverse, "mask_norm": penalty},
+                        [self.mask_param, self.pattern_param])
+                    if self.mask_norm is not None:
+                        self.mask_norm.record(float(penalty.detach()), scales["mask_norm"])
+                self.optimizer.step()
         finally:
             for p in ctx.model.parameters():
                 p.requires_grad_(True)

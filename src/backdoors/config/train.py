@@ -21,6 +21,9 @@ class TrainConfig:
     a checkpoint whose weights are loaded and whose epoch + 1 is the first epoch trained.
     dp: DP-SGD (docs/privacy.md): clip each sample's gradient to L2 norm `dp_clip`, add
     Gaussian noise with std `dp_sigma` * `dp_clip`; epsilon is reported for `dp_delta`.
+    precision: fp32, bf16 or fp16 (autocast; fp16 adds a loss scaler). channels_last: the
+    model and its inputs in channels_last memory format. compile: torch.compile the
+    model's forward, falling back to eager where that fails (docs/precision.md).
     """
 
     epochs: int = 10
@@ -46,6 +49,9 @@ class TrainConfig:
     dp_clip: float = 1.0
     dp_sigma: float = 1.0
     dp_delta: float = 1e-5
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for key in ("epochs", "start_epoch", "batch_size", "test_batch_size", "log_interval"):
@@ -73,6 +79,14 @@ class TrainConfig:
             raise ConfigError(f"train.dp_sigma must be >= 0, got {self.dp_sigma}")
         if not 0 < self.dp_delta < 1:
             raise ConfigError(f"train.dp_delta must be in (0, 1), got {self.dp_delta}")
+        if self.dp and self.precision == "fp16":
+            raise ConfigError("train.dp cannot run with train.precision: fp16 (DP-SGD writes "
+                              "per-sample gradients itself, with no loss scale to keep fp16 "
+                              "gradients from underflowing); use precision: bf16 or fp32")
+        if self.dp and self.channels_last:
+            raise ConfigError("train.dp cannot run with train.channels_last: true (per-sample "
+                              "gradients run the model under torch.func.vmap, which cannot "
+                              "convert inputs to channels_last); set channels_last: false")
         if not DEVICE.match(self.device):
             raise ConfigError(f"train.device must be auto, cpu, mps, cuda or cuda:N, got "
                               f"'{self.device}'")

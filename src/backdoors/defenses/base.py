@@ -34,7 +34,8 @@ DEFENSES: Registry[Defense] = Registry("defense")
 class DefenseData:
     """What a defense is given. `clean` is a small labelled clean set (the budget);
     `train` is the training set as the victim received it (None unless the defense
-    declared `uses_training_set`)."""
+    declared `uses_training_set`). `precision` is the run's: the shared fine-tuning
+    (defenses/training.py) trains in it."""
 
     clean: ArrayDataset
     num_classes: int
@@ -44,6 +45,7 @@ class DefenseData:
     train: Dataset | None = None
     batch_size: int = 128
     progress: Progress = SILENT  # shows long phases on a terminal
+    precision: str = "fp32"  # the run's train.precision, for defenses that train
 
     def loader(self, ds: Dataset, shuffle: bool = False, augment: Any = None) -> Loader:
         return Loader(ds, self.batch_size, self.device, shuffle=shuffle,

@@ -58,6 +58,7 @@ def defense_data(target: DefenseTarget, defense: Defense) -> DefenseData:
         train=target.train if defense.uses_training_set else None,
         batch_size=target.batch_size,
         progress=Progress(defense.name),
+        precision=target.budget.train.precision,
     )
 
 

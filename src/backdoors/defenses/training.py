@@ -3,6 +3,8 @@
 Fine-tuning follows BackdoorBench's defaults (SGD, lr 0.01, momentum 0.9, weight decay
 5e-4). Batches are indexed from the in-memory dataset (no per-sample Python) and shuffled
 with the defense's generator, so a repair is reproducible for a given run seed.
+Fine-tuning runs in the run's precision (DefenseData.precision): the forward under the
+project's autocast, fp16 with a loss scaler (backdoors.execution).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import Tensor, nn
 from backdoors.data.dataset import Dataset
 from backdoors.data.loader import Loader
 from backdoors.defenses.base import DefenseData
+from backdoors.execution import Accelerated, LossScaler
 
 # Rewrites a training batch (inputs, labels) -> (inputs, labels); e.g. Neural Cleanse's
 # unlearning pastes reversed triggers onto some rows but keeps their true labels.
@@ -51,6 +54,8 @@ def finetune(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                 nesterov=nesterov)
+    forward = Accelerated(model, data.device, data.precision)
+    scaler = LossScaler(data.precision, data.device)
     model.train()
     for epoch in data.progress.phase(range(epochs), f"fine-tuning on {len(dataset)} images"):
         if lr_drop_epoch is not None and epoch == lr_drop_epoch:
@@ -61,11 +66,11 @@ def finetune(
             if transform is not None:
                 x, y = transform(x, y)
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(forward(x), y)
             if extra_loss is not None:
                 loss = loss + extra_loss(x)
-            loss.backward()
-            optimizer.step()
+            scaler.backward(loss)
+            scaler.step(optimizer)
     return model.eval()
 
 

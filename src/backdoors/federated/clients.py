@@ -5,7 +5,9 @@ and sends (local - global). Honest clients use the `none` attack (plain cross-en
 compromised clients use the config's synthesizer and attack on their own local data, so
 every injection method works: `data` poisons their local set once, `batch` and `blind`
 poison each batch. Reusing one model and one optimizer (its momentum cleared per client)
-keeps a round with 100 clients about training, not setup.
+keeps a round with 100 clients about training, not setup. Every client runs the shared
+forward wrapper (`forward`: precision, compile) and a fresh fp16 loss scaler, so a
+client's training depends only on its own steps, whichever engine or worker runs it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from backdoors.attacks import Attack
 from backdoors.data.augment import random_crop_flip
 from backdoors.data.dataset import ArrayDataset
 from backdoors.data.loader import Loader
+from backdoors.execution import Accelerated, LossScaler
 from backdoors.federated.updates import FlatModel
 from backdoors.training.trainer import Trainer
 
@@ -45,8 +48,9 @@ class LocalTraining:
 
     def __init__(self, flat: FlatModel, optimizer: torch.optim.Optimizer, test_loader: Loader,
                  batch_size: int, device: torch.device, augment: bool,
-                 max_batches: int | None = None) -> None:
+                 max_batches: int | None = None, forward: Accelerated | None = None) -> None:
         self.flat, self.optimizer, self.test_loader = flat, optimizer, test_loader
+        self.forward = forward if forward is not None else Accelerated(flat.model, device)
         self.batch_size, self.device, self.max_batches = batch_size, device, max_batches
         self.augment = (lambda x, g: random_crop_flip(x, generator=g)) if augment else None
 
@@ -67,8 +71,9 @@ class LocalTraining:
             return report
         loader = Loader(dataset, self.batch_size, self.device, shuffle=True,
                         generator=generator, augment=self.augment, max_batches=self.max_batches)
-        trainer = Trainer(self.flat.model, plan.attack, self.optimizer, None, loader,
-                          self.test_loader, None, generator, progress=False)
+        trainer = Trainer(self.forward, plan.attack, self.optimizer, None, loader,
+                          self.test_loader, None, generator, progress=False,
+                          scaler=LossScaler(self.forward.precision, self.device))
         totals: dict[str, float] = {}
         on_step = None if after_step is None else (lambda *_: after_step())
         for epoch in range(1, plan.epochs + 1):

@@ -58,6 +58,7 @@ class RoundLoop:
         self.flat = clients.local.flat  # the global model, shared with the local clients
         self.head = self.flat.head()
         self.attacker, self.population = clients.attacker, clients.population
+        self.forward = clients.local.forward  # precision and compile, as the clients train
         self.server = ServerView(self.flat.model, self.population.train, clients.plans[0].attack,
                                  tc, test_loader, seed, augment, device) \
             if aggregator.needs_server else None
@@ -110,7 +111,7 @@ class RoundLoop:
         self.flat.write(new_params, new_buffers)
         self.attacker.observe(round_, global_params, new_params)
         aggregated = time.perf_counter()
-        metrics = evaluate(self.flat.model, self.test_loader, self.synthesizer,
+        metrics = evaluate(self.forward, self.test_loader, self.synthesizer,
                            stream(self.seed, EVAL), self.backdoor_loader)
         metrics.update(self.attacker.evaluate(self.flat.model, self.test_loader,
                                               stream(self.seed, EVAL)))

@@ -14,6 +14,7 @@ from backdoors.attacks.base import Attack
 from backdoors.config import TrainConfig
 from backdoors.data.dataset import ArrayDataset
 from backdoors.data.loader import Loader
+from backdoors.execution import accelerated
 from backdoors.federated.clients import LocalPlan, LocalTraining
 from backdoors.federated.updates import FlatModel
 from backdoors.seeds import SERVER_ROOT, stream
@@ -31,7 +32,8 @@ class ServerView:
         scratch = copy.deepcopy(model)
         self.flat = FlatModel(scratch)
         self.local = LocalTraining(self.flat, make_optimizer(scratch, tc), test_loader,
-                                   tc.batch_size, device, augment, tc.max_batches)
+                                   tc.batch_size, device, augment, tc.max_batches,
+                                   accelerated(scratch, tc, device, whole=False))
         self.clean_train, self.honest, self.tc = clean_train, honest, tc
         self.test_loader = test_loader  # held-out inputs for certificates (CRFL)
         self.seed, self.device = seed, device

@@ -18,6 +18,7 @@ from backdoors.config import TrainConfig
 from backdoors.data.augment import random_crop_flip
 from backdoors.data.dataset import Dataset
 from backdoors.data.loader import Loader
+from backdoors.execution import LossScaler, accelerated
 from backdoors.hooks import ConsoleHook, Hook
 from backdoors.seeds import EVAL, TRAIN, derive, stream
 from backdoors.synthesizers.base import Synthesizer
@@ -51,10 +52,12 @@ class EpochLoop:
                              max_batches=tc.max_batches, num_workers=num_workers)
         self.optimizer = make_optimizer(model, tc)
         self.scheduler = make_scheduler(self.optimizer, tc)
-        self.trainer = Trainer(model, attack, self.optimizer, self.scheduler, self.loader,
-                               test_loader, synthesizer, self.generator,
-                               eval_seed=derive(seed, EVAL),
-                               progress=tc.progress, backdoor_loader=backdoor_loader)
+        self.forward = accelerated(model, tc, device)
+        self.scaler = LossScaler(tc.precision, device)
+        self.trainer = Trainer(self.forward, attack, self.optimizer, self.scheduler,
+                               self.loader, test_loader, synthesizer, self.generator,
+                               eval_seed=derive(seed, EVAL), progress=tc.progress,
+                               backdoor_loader=backdoor_loader, scaler=self.scaler)
         self.first, self.last = tc.start_epoch, tc.epochs
         self.steps_per_unit = len(self.loader)
 
@@ -93,23 +96,27 @@ class EpochLoop:
         """Nothing to release."""
 
     def summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        """Final figures: the last epoch's, the best clean accuracy, the mean epoch time.
-        A run with no epoch to train (start_epoch > epochs) reports the model as given."""
+        """Final figures: the last epoch's, the best clean accuracy, the mean epoch time,
+        and why compilation fell back to eager if it did. A run with no epoch to train
+        (start_epoch > epochs) reports the model as given."""
+        fallback = self.forward.compile_fallback
+        extra = {} if fallback is None else {"compile_fallback": fallback}
         if not rows:
             metrics = self.trainer.evaluate()
             return {**{k: metrics[k] for k in SUMMARY_KEYS if k in metrics},
                     "epochs": self.first - 1, "best_clean_accuracy": metrics["clean_accuracy"],
-                    "seconds_per_epoch": None}
+                    "seconds_per_epoch": None, **extra}
         last = rows[-1]
         return {**{k: last[k] for k in SUMMARY_KEYS if k in last}, "epochs": last["epoch"],
                 "best_clean_accuracy": max(r["clean_accuracy"] for r in rows),
-                "seconds_per_epoch": sum(r["train_seconds"] for r in rows) / len(rows)}
+                "seconds_per_epoch": sum(r["train_seconds"] for r in rows) / len(rows),
+                **extra}
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                 "train_generator": self.generator.get_state(),
-                "attack": self.attack.state_dict()}
+                "attack": self.attack.state_dict(), "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -117,6 +124,7 @@ class EpochLoop:
             self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["train_generator"])
         self.attack.load_state_dict(state["attack"])
+        self.scaler.load_state_dict(state.get("scaler", {}))
 
 
 def epoch_row(epoch: int, lr: float, stats: EpochStats, metrics: dict[str, float]

@@ -1,7 +1,13 @@
 """The training loop: one epoch of attack-supplied gradients, and evaluation.
 
 The trainer knows nothing about attacks beyond `Attack.backward`, which fills the
-gradients for a batch; DP and federated training wrap or call it.
+gradients for a batch; DP and federated training wrap or call it. `model` is what the
+attack runs: an execution.Accelerated wrapper (precision, channels_last, compile) or a
+plain module; `scaler` steps the optimizer (fp16 loss scaling, execution/precision.py).
+
+Host syncs per step: each step reads its losses as Python floats (StepReport), which
+check_finite needs to stop at the exact diverging step, and MGDA's min-norm solve runs
+on the host. Everything else (data, augmentation, triggers) stays on the device.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from torch import nn
 from backdoors.attacks.base import Attack, StepReport
 from backdoors.data.loader import Loader
 from backdoors.errors import Diverged
+from backdoors.execution.precision import LossScaler
 from backdoors.metrics import evaluate
 from backdoors.synthesizers.base import Synthesizer
 
@@ -64,6 +71,8 @@ class Trainer:
     eval_seed: int = 0
     progress: bool = True
     backdoor_loader: Loader | None = None
+    scaler: LossScaler = field(
+        default_factory=lambda: LossScaler("fp32", torch.device("cpu")))
 
     def train_epoch(self, epoch: int, on_step: StepCallback | None = None) -> EpochStats:
         """One pass over the training loader, then one scheduler step."""
@@ -75,9 +84,10 @@ class Trainer:
         start = time.perf_counter()
         for step, batch in enumerate(_progress(self.train_loader, self.progress, f"epoch {epoch}")):
             self.optimizer.zero_grad(set_to_none=True)
-            report = self.attack.backward(self.model, batch, self.generator)
+            with self.scaler.scope():
+                report = self.attack.backward(self.model, batch, self.generator)
             check_finite(report, epoch, step)
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
             n = len(batch)
             stats.samples += n
             for name, value in report.losses.items():
