@@ -7,17 +7,17 @@ epochs of SGD (lr 0.02, momentum 0.9, batch 64); eta = N / K = 10, so FedAvg's n
 model is the mean of the local models. A global model is first trained clean with FedAvg
 for `--warmup` rounds; every (attacker, aggregator) cell starts from it. Attack: the
 pattern trigger (-> 8); participants 0..9 are compromised; in each round of the attack
-window (rounds 2..1+`--attack-rounds`) `--per-round-attackers` of them are sampled
-(federated.attackers_per_round), batch-poison half of each local batch for 10 local epochs
-at lr 0.01; then `--after` clean rounds measure how long the backdoor lasts. Model
-replacement scales by N / eta = 10, as do DBA and Neurotoxin; constrain-and-scale and PGD
-bound the sent norm (their options below).
+window (rounds 2..1+`--attack-rounds`) one of them (DBA: four) is sampled
+(federated.attackers_per_round) and batch-poisons half of each local batch for 10 local
+epochs at lr 0.01; then `--after` clean rounds measure how long the backdoor lasts. The
+scale and bound of each attacker are in ATTACKERS below.
 
 Reported per cell: clean accuracy and ASR after the last attack round, the worst clean gap
 to FedAvg without attack over the attack window, ASR 1 / 5 / 10 / 20 rounds after the
 attack, detection precision / recall pooled over rounds, and the mean round time.
 
-    python benchmarks/fl_catalogue.py [--attackers a,b] [--aggregators x,y] [--out FILE.md]
+    python benchmarks/fl_catalogue.py [--attackers a,b] [--aggregators x,y]
+                                      [--pairs attacker:rule,...] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -40,13 +40,20 @@ from backdoors.experiment import run  # noqa: E402
 from backdoors.runs import RunFolder  # noqa: E402
 
 PARTICIPANTS, PER_ROUND = 100, 10
+# Each attacker with the federated options it is run with: attackers per attack round and
+# the update's scale. One model-replacement attacker scales by N / eta = 10; DBA's four
+# part holders share that, 2.5 each, so their sum replaces the model as one would.
+# Constrain-and-scale and PGD bound the sent norm by `bound` / `eps`; "auto" is the
+# median benign update norm of the warm-up's last round (the attacker can measure it by
+# training honestly once), i.e. what norm clipping at the median lets through.
 ATTACKERS: dict[str, dict[str, Any]] = {
-    "model replacement": {"name": "model_replacement"},
-    "DBA (4 parts)": {"name": "dba"},
-    "constrain-and-scale": {"name": "constrain_and_scale"},
-    "PGD (eps 2) + replacement": {"name": "pgd"},
-    "Neurotoxin": {"name": "neurotoxin"},
-    "Chameleon": {"name": "chameleon"},
+    "model replacement": {"attacker": {"name": "model_replacement"}},
+    "DBA (4 parts)": {"attacker": {"name": "dba"}, "attackers_per_round": 4,
+                      "weight_scale": 2.5},
+    "constrain-and-scale": {"attacker": {"name": "constrain_and_scale", "bound": "auto"}},
+    "PGD + replacement": {"attacker": {"name": "pgd", "eps": "auto", "replacement": True}},
+    "Neurotoxin": {"attacker": {"name": "neurotoxin"}},
+    "Chameleon": {"attacker": {"name": "chameleon", "contrastive_epochs": 2}},
 }
 AGGREGATORS: dict[str, dict[str, Any]] = {
     "FedAvg": {"name": "fedavg"},
@@ -70,17 +77,18 @@ AGGREGATORS: dict[str, dict[str, Any]] = {
 
 
 def config(data_dir: Path, aggregator: dict, attacker: dict | None, rounds: int,
-           pretrained: str | None, args: argparse.Namespace) -> dict:
+           pretrained: str | None, args: argparse.Namespace, norm: float = 1.0) -> dict:
     fed: dict[str, Any] = {
         "rounds": rounds, "participants": PARTICIPANTS, "per_round": PER_ROUND,
         "local_epochs": 2, "eta": PARTICIPANTS / PER_ROUND, "aggregator": aggregator,
     }
     if attacker is not None:
+        options = {k: norm if v == "auto" else v for k, v in attacker["attacker"].items()}
         fed.update({
-            "adversaries": 10, "attacker": attacker,
+            "adversaries": 10, "attacker": options,
             "attack_window": [2, 1 + args.attack_rounds],
-            "attackers_per_round": args.per_round_attackers,
-            "weight_scale": PARTICIPANTS / fed["eta"],
+            "attackers_per_round": attacker.get("attackers_per_round", 1),
+            "weight_scale": attacker.get("weight_scale", PARTICIPANTS / fed["eta"]),
             "attacker_local_epochs": 10, "attacker_lr": 0.01,
         })
     return {
@@ -127,18 +135,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--warmup", type=int, default=30, help="clean FedAvg rounds first")
     parser.add_argument("--attack-rounds", type=int, default=5)
-    parser.add_argument("--per-round-attackers", type=int, default=4)
+    parser.add_argument("--clean-bases", action="store_true",
+                        help="also run every aggregator without an attack")
     parser.add_argument("--after", type=int, default=20, help="clean rounds after the attack")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--attackers", default=None, help="comma-separated attacker names")
     parser.add_argument("--aggregators", default=None, help="comma-separated rule names")
+    parser.add_argument("--pairs", default=None,
+                        help="only these attacker:aggregator cells, comma-separated")
     parser.add_argument("--json", type=Path, default=None, help="also write raw figures")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/fl_catalogue.md")
     args = parser.parse_args()
     data_dir = mnist_split_dir()
-    pick = lambda table, names: {k: v for k, v in table.items()  # noqa: E731
-                                 if names is None or v["name"] in names.split(",")}
-    attackers, aggregators = pick(ATTACKERS, args.attackers), pick(AGGREGATORS, args.aggregators)
+    attackers = {k: v for k, v in ATTACKERS.items()
+                 if args.attackers is None or v["attacker"]["name"] in args.attackers.split(",")}
+    aggregators = {k: v for k, v in AGGREGATORS.items()
+                   if args.aggregators is None or v["name"] in args.aggregators.split(",")}
     total = 1 + args.attack_rounds + args.after
     results: dict[tuple[str, str], dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,27 +158,32 @@ def main() -> None:
         warm = run(from_dict(config(data_dir, {"name": "fedavg"}, None, args.warmup, None,
                                     args)), out=tmp, quiet=True)
         weights = str(Path(warm["run_dir"]) / "checkpoints" / "last.safetensors")
+        norm = statistics.median(rounds_of(warm)[-1]["update_norms"])
         print(f"warm-up: {args.warmup} FedAvg rounds -> clean {pct(warm['clean_accuracy'])}% "
-              f"({time.perf_counter() - start:.0f}s)", flush=True)
+              f"({time.perf_counter() - start:.0f}s); median update norm {norm:.3f}", flush=True)
         base = rounds_of(run(from_dict(config(data_dir, {"name": "fedavg"}, None, total,
                                               weights, args)), out=tmp, quiet=True))
         clean_base = {label: rounds_of(run(from_dict(config(data_dir, agg, None, total,
                                                             weights, args)), out=tmp,
                                            quiet=True))
-                      for label, agg in aggregators.items()}
-        for label in aggregators:
+                      for label, agg in aggregators.items() if args.clean_bases}
+        for label in clean_base:
             print(f"{label}, no attack: clean {pct(clean_base[label][-1]['clean_accuracy'])}",
                   flush=True)
+        wanted = None if args.pairs is None else {
+            tuple(pair.split(":")) for pair in args.pairs.split(",")}
         for a_label, attacker in attackers.items():
             for g_label, agg in aggregators.items():
-                summary = run(from_dict(config(data_dir, agg, attacker, total, weights, args)),
-                              out=tmp, quiet=True)
+                if wanted and (attacker["attacker"]["name"], agg["name"]) not in wanted:
+                    continue
+                summary = run(from_dict(config(data_dir, agg, attacker, total, weights, args,
+                                               norm)), out=tmp, quiet=True)
                 c = cell(rounds_of(summary), summary, base, args.attack_rounds)
                 results[(a_label, g_label)] = c
                 print(f"{a_label} x {g_label}: clean {pct(c['clean'])} ASR {pct(c['asr'])} "
                       f"(+20: {pct(c['after'][20])}) gap {100 * c['gap']:+.1f} "
                       f"P/R {pct(c['precision'])}/{pct(c['recall'])}", flush=True)
-    text = report(args, warm, base, clean_base, results, attackers, aggregators)
+    text = report(args, warm, norm, base, clean_base, results, attackers, aggregators)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")
@@ -175,21 +192,23 @@ def main() -> None:
                                         indent=1))
 
 
-def report(args: argparse.Namespace, warm: dict, base: list[dict],
+def report(args: argparse.Namespace, warm: dict, norm: float, base: list[dict],
            clean_base: dict[str, list[dict]], results: dict[tuple[str, str], dict],
            attackers: dict, aggregators: dict) -> str:
     lines = [
         f"MNIST split 8k/2k, simple_net; {PARTICIPANTS} participants (IID, 80 images each), "
         f"{PER_ROUND} per round, 2 local epochs, lr 0.02, eta {PARTICIPANTS // PER_ROUND}; "
         f"warm-up {args.warmup} clean FedAvg rounds (clean {pct(warm['clean_accuracy'])}%); "
-        f"attack window rounds 2-{1 + args.attack_rounds} with "
-        f"{args.per_round_attackers} attackers per round (of 10 compromised), then "
-        f"{args.after} clean rounds; seed {args.seed}; {machine()}.",
+        f"attack window rounds 2-{1 + args.attack_rounds} (one attacker per round, DBA "
+        f"four), then {args.after} clean rounds; the median benign update norm "
+        f"(constrain-and-scale's bound, PGD's eps) {norm:.3f}; seed {args.seed}; "
+        f"{machine()}.",
         "",
-        "Clean accuracy of each rule without attack at the end "
-        "(FedAvg: " + pct(base[-1]["clean_accuracy"]) + "): " + ", ".join(
-            f"{label} {pct(rows[-1]['clean_accuracy'])}" for label, rows in clean_base.items())
-        + ".",
+        "Clean accuracy of FedAvg without attack at the end: "
+        + pct(base[-1]["clean_accuracy"]) + "%" + "".join(
+            f", {label} {pct(rows[-1]['clean_accuracy'])}%"
+            for label, rows in clean_base.items()) + ". The worst clean gap is to FedAvg "
+        "without attack, round by round over the attack window.",
         "",
     ]
     for a_label in attackers:

@@ -18,14 +18,14 @@ def _registry(what: str) -> Registry[Any]:
     import backdoors.attacks as attacks
     from backdoors.data import TASKS
     from backdoors.defenses import DEFENSES
-    from backdoors.federated import AGGREGATORS
+    from backdoors.federated import AGGREGATORS, ATTACKERS
     from backdoors.models import MODELS
     from backdoors.synthesizers import SYNTHESIZERS
 
     return {"tasks": TASKS, "models": MODELS, "synthesizers": SYNTHESIZERS,
             "attacks": attacks.ATTACKS, "balancers": attacks.BALANCERS,
             "loss_terms": attacks.LOSS_TERMS, "defenses": DEFENSES,
-            "aggregators": AGGREGATORS}[what]
+            "aggregators": AGGREGATORS, "attackers": ATTACKERS}[what]
 
 
 def list_components(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from backdoors.errors import fail
 from backdoors.version import __version__
 
 LISTABLE = ("tasks", "models", "synthesizers", "attacks", "balancers", "loss_terms",
-            "defenses", "aggregators")
+            "defenses", "aggregators", "attackers")
 
 
 class Parser(argparse.ArgumentParser):
