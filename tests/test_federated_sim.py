@@ -156,7 +156,15 @@ def test_list_aggregators(capsys):
     assert cli_main(["list", "aggregators"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert {"original", "fedavg", "norm_clipping", "weak_dp", "median", "trimmed_mean", "krum",
-            "multi_krum", "flame", "foolsgold"} <= set(names)
+            "multi_krum", "flame", "foolsgold", "fltrust", "rlr", "deepsight", "crfl",
+            "fldetector", "indicator", "bulyan", "centered_clipping"} <= set(names)
+
+
+def test_list_attackers(capsys):
+    assert cli_main(["list", "attackers"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert {"model_replacement", "dba", "constrain_and_scale", "pgd", "neurotoxin",
+            "chameleon"} <= set(names)
 
 
 @pytest.mark.parametrize("defense", ["spectral_signatures", "abl"])
