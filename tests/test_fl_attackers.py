@@ -125,7 +125,7 @@ def test_the_anomaly_term_keeps_the_update_near_the_global_model():
 
 
 def test_neurotoxin_masks_the_top_ratio_of_the_global_change():
-    c = client("neurotoxin", ratio=0.1)
+    c = client("neurotoxin", ratio=0.1, mask_from="global_change")
     old = c.start[0]
     change = torch.randn(old.shape, generator=torch.Generator().manual_seed(1))
     c.attacker.observe(1, old, old + change)
@@ -142,15 +142,29 @@ def test_neurotoxin_masks_the_top_ratio_of_the_global_change():
 
 
 def test_neurotoxin_masks_nothing_before_a_global_change_is_observed():
-    c = client("neurotoxin")
+    c = client("neurotoxin", mask_from="global_change")
     assert c.attacker.round_state() == {}
     assert float((c.train() != 0).float().mean()) > 0.5
 
 
+def test_neurotoxin_masks_the_top_of_its_own_benign_gradient():
+    """The default mask: the largest coordinates of the cross-entropy gradient on the
+    attacker's own data at the global weights, made on the client (no round state)."""
+    c = client("neurotoxin", ratio=0.1)
+    update = c.train()
+    masked = c.attacker.masked
+    assert c.attacker.round_state() == {}
+    assert len(masked) == int(torch.tensor(0.1 * update.numel()).ceil())
+    assert bool((update[masked] == 0).all())
+    others = torch.ones_like(update, dtype=torch.bool)
+    others[masked] = False
+    assert float((update[others] != 0).float().mean()) > 0.5
+
+
 def test_neurotoxin_round_state_travels_to_a_fresh_attacker():
-    c = client("neurotoxin", ratio=0.2)
+    c = client("neurotoxin", ratio=0.2, mask_from="global_change")
     c.attacker.observe(1, c.start[0], c.start[0] + torch.linspace(-1, 1, c.start[0].numel()))
-    other = client("neurotoxin", ratio=0.2)
+    other = client("neurotoxin", ratio=0.2, mask_from="global_change")
     other.attacker.load_round_state(c.attacker.round_state())
     assert bool((other.train()[c.attacker.round_state()["masked"]] == 0).all())
 
