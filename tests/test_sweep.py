@@ -241,3 +241,10 @@ def test_reference_cells_are_backdoorbench_rows():
     blind = {**badnets, "attack": {"name": "blind"}}
     assert lookup(blind, None)["clean_accuracy"] == float(
         rows[("blind", "no defense")]["clean_accuracy"])
+    # Input-aware's batch share is split into backdoor and cross-trigger rows; BackdoorBench's
+    # ratio counts the backdoor rows (10% + 10% cross is its 10% cell).
+    aware = {**badnets, "synthesizer": {"name": "input_aware"},
+             "attack": {"name": "batch", "fraction": 0.2}}
+    assert lookup(aware, None)["asr"] == float(rows[("inputaware", "no defense")]["asr"])
+    half = lookup({**aware, "attack": {"name": "batch", "fraction": 0.1}}, None)
+    assert half is not None and half["asr"] == 0.902  # their 5% row

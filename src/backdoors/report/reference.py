@@ -48,9 +48,14 @@ def setting(config: dict[str, Any]) -> tuple[str, str, str, float] | None:
     if trigger not in ATTACKS or attack.get("name") not in ("data", "batch"):
         return None
     # Training-controlled attacks (WaNet, input-aware) poison a share of each batch; their
-    # BackdoorBench rows carry that share as the ratio.
-    ratio = attack.get("ratio" if attack["name"] == "data" else "fraction", 0.1)
-    return DATASETS[task], MODELS[model], ATTACKS[trigger], float(ratio)
+    # BackdoorBench rows carry that share as the ratio. Input-aware's share is split between
+    # backdoor and cross-trigger rows (label kept); BackdoorBench's ratio counts the former.
+    ratio = float(attack.get("ratio" if attack["name"] == "data" else "fraction", 0.1))
+    if trigger == "input_aware":
+        synthesizer = config.get("synthesizer") or {}
+        backdoor = float(synthesizer.get("backdoor_ratio", 0.1))
+        ratio = round(ratio * backdoor / (backdoor + float(synthesizer.get("cross_ratio", 0.1))), 4)
+    return DATASETS[task], MODELS[model], ATTACKS[trigger], ratio
 
 
 def lookup(config: dict[str, Any], defense: str | None) -> dict[str, float] | None:
