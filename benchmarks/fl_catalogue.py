@@ -47,12 +47,14 @@ PARTICIPANTS, PER_ROUND = 100, 10
 # part holders share that, 2.5 each, so their sum replaces the model as one would.
 # Constrain-and-scale and PGD bound the sent norm by `bound` / `eps`; "auto" is the
 # median benign update norm of the warm-up's last round (the attacker can measure it by
-# training honestly once), i.e. what norm clipping at the median lets through.
+# training honestly once), i.e. what norm clipping at the median lets through; "server"
+# is that bound against rules that clip updates and none against the others (the
+# paper's attacker knows the server's bound S).
 ATTACKERS: dict[str, dict[str, Any]] = {
     "model replacement": {"attacker": {"name": "model_replacement"}},
     "DBA (4 parts)": {"attacker": {"name": "dba"}, "attackers_per_round": 4,
                       "weight_scale": 2.5},
-    "constrain-and-scale": {"attacker": {"name": "constrain_and_scale", "bound": "auto"}},
+    "constrain-and-scale": {"attacker": {"name": "constrain_and_scale", "bound": "server"}},
     "PGD + replacement": {"attacker": {"name": "pgd", "eps": "auto", "replacement": True}},
     "Neurotoxin": {"attacker": {"name": "neurotoxin"}},
     "Chameleon": {"attacker": {"name": "chameleon", "contrastive_epochs": 2}},
@@ -82,6 +84,10 @@ AGGREGATORS: dict[str, dict[str, Any]] = {
 }
 
 
+# Rules that bound every update's norm (the bound a constrain-and-scale attacker aims at).
+CLIPPING = {"norm_clipping", "weak_dp", "flame", "rlr_clipped"}
+
+
 def config(data_dir: Path, aggregator: dict, attacker: dict | None, rounds: int,
            pretrained: str | None, args: argparse.Namespace, norm: float = 1.0) -> dict:
     fed: dict[str, Any] = {
@@ -90,7 +96,9 @@ def config(data_dir: Path, aggregator: dict, attacker: dict | None, rounds: int,
         "aggregator": {k: v for k, v in aggregator.items() if k != "key"},
     }
     if attacker is not None:
-        options = {k: norm if v == "auto" else v for k, v in attacker["attacker"].items()}
+        clips = key(aggregator) in CLIPPING
+        options = {k: norm if v == "auto" or (v == "server" and clips) else
+                   None if v == "server" else v for k, v in attacker["attacker"].items()}
         fed.update({
             "adversaries": 10, "attacker": options,
             "attack_window": [2, 1 + args.attack_rounds],
