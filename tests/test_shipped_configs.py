@@ -13,7 +13,8 @@ from backdoors.cli import main
 from backdoors.config import load_config
 from backdoors.experiment import run
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))  # with the profiles in subfolders (fast/)
 
 
 def _trains_on_mnist(path: Path) -> bool:
@@ -32,7 +33,7 @@ OPTIMISED = {"trojan_nn.yaml", "input_aware.yaml", "low_frequency.yaml", "narcis
              "multimnist_calculator.yaml"}
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
 def test_every_shipped_config_validates_on_the_command_line(path, capsys):
     assert main(["validate", str(path)]) == 0, capsys.readouterr().err
 

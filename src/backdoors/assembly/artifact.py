@@ -25,7 +25,6 @@ from backdoors.assembly.build import (
 )
 from backdoors.assembly.data import TrainingData, evaluation_loaders, mask_of, training_data
 from backdoors.config import Component, Config
-from backdoors.data.augment import random_crop_flip
 from backdoors.data.dataset import ArrayDataset
 from backdoors.defenses import DefenseTarget, TrainingBudget
 from backdoors.errors import DataError, RunError
@@ -119,7 +118,7 @@ def _target(config: Config, comps: Components, folder: RunFolder, clean: ArrayDa
                                  input_shape=task.input_shape, mean=task.mean, std=task.std)
         return fresh.to(comps.device)
 
-    augment = (lambda x, g: random_crop_flip(x, generator=g)) if comps.task.augment else None
+    augment = comps.task.augmentation()
     return DefenseTarget(
         model=model, clean_train=clean, train=None if config.federated else train,
         poisoned=poisoned, synthesizer=comps.synthesizer, test_loader=test,
