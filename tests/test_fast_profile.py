@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
+from backdoors.assembly.artifact import reopen
 from backdoors.assembly.build import build, fingerprint, resolved_config
 from backdoors.cli import main
 from backdoors.config import TrainConfig, from_dict, load_config
@@ -236,6 +237,9 @@ def test_tiny_fast_run_fits_whitening_at_the_start_and_resumes_with_it(tmp_path,
     assert [{k: r[k] for k in keys} for r in part] == [{k: r[k] for k in keys} for r in full]
     resumed = load_file(str(runs / "part" / "checkpoints" / "last.safetensors"))
     torch.testing.assert_close(resumed["body.0.weight"], whitening, rtol=0, atol=0)
+    # Defenses that retrain from scratch get the run's start: whitening fitted the same way.
+    fresh = reopen(RunFolder(runs / "full")).fresh_model()
+    torch.testing.assert_close(fresh.state_dict()["body.0.weight"], whitening, rtol=0, atol=0)
 
 
 def test_new_keys_at_their_defaults_keep_old_runs_fingerprints(tiny):
