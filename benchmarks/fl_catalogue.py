@@ -62,14 +62,6 @@ ATTACKERS: dict[str, dict[str, Any]] = {
 AGGREGATORS: dict[str, dict[str, Any]] = {
     "FedAvg": {"name": "fedavg"},
     "norm clipping": {"name": "norm_clipping"},
-    "weak DP": {"name": "weak_dp"},
-    "median": {"name": "median"},
-    "trimmed mean": {"name": "trimmed_mean"},
-    "Krum": {"name": "krum"},
-    "Multi-Krum": {"name": "multi_krum"},
-    "Bulyan": {"name": "bulyan"},
-    "FLAME": {"name": "flame"},
-    "FoolsGold": {"name": "foolsgold", "features": "head"},
     "FLTrust": {"name": "fltrust"},
     "RLR": {"name": "rlr"},
     # RLR reverses the mean on weakly agreed coordinates, a boosted update included; the
@@ -77,7 +69,15 @@ AGGREGATORS: dict[str, dict[str, Any]] = {
     "RLR inside norm clipping": {"name": "norm_clipping", "inner": {"name": "rlr"},
                                  "key": "rlr_clipped"},
     "DeepSight": {"name": "deepsight"},
+    "FLAME": {"name": "flame"},
     "CRFL": {"name": "crfl"},
+    "weak DP": {"name": "weak_dp"},
+    "median": {"name": "median"},
+    "trimmed mean": {"name": "trimmed_mean"},
+    "Krum": {"name": "krum"},
+    "Multi-Krum": {"name": "multi_krum"},
+    "Bulyan": {"name": "bulyan"},
+    "FoolsGold": {"name": "foolsgold", "features": "head"},
     "FLDetector": {"name": "fldetector"},
     "BackdoorIndicator": {"name": "indicator"},
     "centered clipping": {"name": "centered_clipping"},
@@ -209,8 +209,13 @@ def main() -> None:
                 print(f"{a_label} x {g_label}: clean {pct(c['clean'])} ASR {pct(c['asr'])} "
                       f"(+20: {pct(c['after'][20])}) gap {100 * c['gap']:+.1f} "
                       f"P/R {pct(c['precision'])}/{pct(c['recall'])}", flush=True)
-    text = report(args, warm, norm, base, clean_base, results, attackers, aggregators)
-    print(text)
+                # Written after every cell: a long grid stopped early keeps what it has.
+                write(args, report(args, warm, norm, base, clean_base, results, attackers,
+                                   aggregators), results)
+    print(args.out.read_text() if args.out.exists() else "no cell ran")
+
+
+def write(args: argparse.Namespace, text: str, results: dict[tuple[str, str], dict]) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")
     if args.json:

@@ -81,7 +81,7 @@ def client(name: str, weight_scale: float = 1.0, epochs: int = 1, **kwargs: Any)
     attacker.bind(AttackerSetup(fc, synth, attack, make_attack, flat.size, flat.head(), 0))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     test = Loader(task.test, 32, torch.device("cpu"))
-    local = LocalTraining(flat, optimizer, test, 32, torch.device("cpu"), False)
+    local = LocalTraining(flat, optimizer, test, 32, torch.device("cpu"), None)
     return Client(attacker, local, task.train, LocalPlan(attack, epochs, 0.05), flat.read())
 
 

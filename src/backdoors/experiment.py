@@ -31,9 +31,10 @@ from backdoors.assembly.build import (
     load_start_weights,
     resolved_config,
     saved_config,
+    start_path,
     trigger_fingerprint,
 )
-from backdoors.assembly.data import mask_of, training_data
+from backdoors.assembly.data import mask_of, prepare_model, training_data
 from backdoors.assembly.defending import defend_all, defense_key
 from backdoors.assembly.loops import InnerLoop, make_loop
 from backdoors.config import Config, check_run_name
@@ -178,6 +179,8 @@ class Lifecycle:
                            "it deleted?); it cannot be resumed, start a new run")
         if self.first is False:
             self.first = load_start_weights(config, comps)
+        if start_path(config, comps) is None:  # from scratch: fit data-dependent layers
+            prepare_model(comps.model, data.train)
         first = self.first or loop.first
         loop.start()
         random.seed(config.seed)

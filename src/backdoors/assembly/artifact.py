@@ -23,9 +23,14 @@ from backdoors.assembly.build import (
     saved_config,
     trigger_fingerprint,
 )
-from backdoors.assembly.data import TrainingData, evaluation_loaders, mask_of, training_data
+from backdoors.assembly.data import (
+    TrainingData,
+    evaluation_loaders,
+    mask_of,
+    prepare_model,
+    training_data,
+)
 from backdoors.config import Component, Config
-from backdoors.data.augment import random_crop_flip
 from backdoors.data.dataset import ArrayDataset
 from backdoors.defenses import DefenseTarget, TrainingBudget
 from backdoors.errors import DataError, RunError
@@ -111,15 +116,18 @@ def _target(config: Config, comps: Components, folder: RunFolder, clean: ArrayDa
 
     def fresh_model() -> nn.Module:
         """The architecture with the weights its training started from, built under the
-        run's seed as `build` does, without disturbing the global random state."""
+        run's seed as `build` does, without disturbing the global random state, and fitted
+        to the rows the run trained on where the model has data-dependent layers."""
         spec, task = config.model or Component(comps.model_name), comps.task
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             fresh = MODELS.build(spec.name, spec.kwargs, "model", num_classes=task.num_classes,
                                  input_shape=task.input_shape, mean=task.mean, std=task.std)
-        return fresh.to(comps.device)
+        fresh = fresh.to(comps.device)
+        prepare_model(fresh, clean if train is None else train)
+        return fresh
 
-    augment = (lambda x, g: random_crop_flip(x, generator=g)) if comps.task.augment else None
+    augment = comps.task.augmentation()
     return DefenseTarget(
         model=model, clean_train=clean, train=None if config.federated else train,
         poisoned=poisoned, synthesizer=comps.synthesizer, test_loader=test,

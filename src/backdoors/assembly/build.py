@@ -43,7 +43,9 @@ UNFINGERPRINTED = {"name": None, "defenses": None,
 WHERE_KEYS = ("data_dir", "image")
 # Keys added after runs existed: fingerprinted only when set away from their default, so
 # a run made before them still resumes.
-LATER_KEYS = {"train": {"precision": "fp32", "channels_last": False, "compile": False}}
+LATER_KEYS = {"train": {"precision": "fp32", "channels_last": False, "compile": False,
+                        "nesterov": False, "warmup": 0.2},
+              "task": {"crop_padding": 4}}
 # Paths written absolute in a run's config.yaml, so the folder works from any directory.
 PATH_KEYS = (("task", "data_dir"), ("synthesizer", "image"), ("train", "pretrained"),
              ("train", "resume_model"))

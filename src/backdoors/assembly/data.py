@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from backdoors.assembly.build import Components
 from backdoors.config import Config
@@ -64,6 +64,21 @@ def without(ds: Dataset, drop: Tensor | None) -> Dataset:
     if isinstance(ds, ArrayDataset):
         return ds.subset(rows)
     return torch.utils.data.Subset(ds, rows.tolist())  # type: ignore[return-value]
+
+
+def prepare_model(model: nn.Module, ds: Dataset) -> None:
+    """Fit a model's data-dependent layers (ImageClassifier.prepare) to `prepare_images`
+    rows of `ds`, evenly spaced so that a class-sorted set gives every class. Called once
+    when a run starts from scratch, on the rows the victim trains on."""
+    n = min(getattr(model, "prepare_images", 0), len(ds))
+    if n == 0:
+        return
+    rows = torch.linspace(0, len(ds) - 1, n).round().long()
+    if isinstance(ds, ArrayDataset):
+        images = ds.images[rows.to(ds.images.device)].float().div_(255.0)
+    else:
+        images = torch.stack([ds[int(i)][0] for i in rows])
+    model.prepare(images)  # type: ignore[operator]
 
 
 def on_device(ds: Dataset, device: torch.device) -> Dataset:

@@ -61,11 +61,12 @@ def make_loop(config: Config, comps: Components, data: TrainingData) -> InnerLoo
     fc = config.federated
     if fc is None or comps.aggregator is None:
         return EpochLoop(model, comps.attack, comps.synthesizer, on_device(data.train, device),
-                         test, backdoor, tc, config.seed, comps.task.augment,
+                         test, backdoor, tc, config.seed, comps.task.augmentation(),
                          comps.task.num_workers, device)
     engine = ray_engine(config, comps) if fc.engine == "ray" else None
     return RoundLoop(client_side(config, comps, data, test), comps.attack, comps.synthesizer,
-                     test, backdoor, fc, tc, comps.aggregator, config.seed, comps.task.augment,
+                     test, backdoor, fc, tc, comps.aggregator, config.seed,
+                     comps.task.augmentation(),
                      device, engine)
 
 
@@ -105,7 +106,8 @@ def client_side(config: Config, comps: Components, data: TrainingData, test: Loa
     population = Population(data.clean_train, split(data.clean_train, fc, config.seed),
                             attacker.injection, config.seed, device)
     local = LocalTraining(flat, make_optimizer(model, tc), test, tc.batch_size, device,
-                          comps.task.augment, tc.max_batches, accelerated(model, tc, device))
+                          comps.task.augmentation(), tc.max_batches,
+                          accelerated(model, tc, device))
     plans = (LocalPlan(honest, fc.local_epochs, tc.lr),
              LocalPlan(comps.attack, fc.attacker_local_epochs or fc.local_epochs,
                        fc.attacker_lr or tc.lr))

@@ -15,8 +15,10 @@ DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
 class TrainConfig:
     """Optimisation and bookkeeping. Epochs are counted from 1.
 
-    scheduler: none, cosine (annealing over all epochs) or multistep (lr * gamma at each
-    of `milestones`). device: auto (CUDA when available, else CPU), cpu, cuda, cuda:N.
+    nesterov: Nesterov momentum (SGD). scheduler: none, cosine (annealing over all epochs),
+    multistep (lr * gamma at each of `milestones`) or linear (per step: a linear rise over
+    the first `warmup` fraction of the steps, then a linear decay to 0 at the last).
+    device: auto (CUDA when available, else CPU), cpu, cuda, cuda:N.
     pretrained: a weights file (safetensors or a checkpoint) to start from; resume_model:
     a checkpoint whose weights are loaded and whose epoch + 1 is the first epoch trained.
     dp: DP-SGD (docs/privacy.md): clip each sample's gradient to L2 norm `dp_clip`, add
@@ -33,10 +35,12 @@ class TrainConfig:
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
+    nesterov: bool = False
     weight_decay: float = 5e-4
-    scheduler: Literal["none", "cosine", "multistep"] = "none"
+    scheduler: Literal["none", "cosine", "multistep", "linear"] = "none"
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
+    warmup: float = 0.2
     device: str = "auto"
     max_batches: int | None = None
     log_interval: int = 100
@@ -62,6 +66,11 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"train.momentum must be in [0, 1), got {self.momentum}")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ConfigError("train.nesterov needs optimizer: sgd and momentum > 0")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"train.warmup is a fraction of the steps, in [0, 1), got "
+                              f"{self.warmup}")
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         if self.gamma <= 0:

@@ -6,6 +6,8 @@ one call handles the whole batch with a few tensor ops.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -35,3 +37,9 @@ def random_crop_flip(
         mask = (torch.rand(n, generator=generator) < 0.5).to(dev)
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
     return x
+
+
+def crop_flip(padding: int = 4) -> Callable[[Tensor, torch.Generator], Tensor]:
+    """The training augmentation of natural-image tasks: shifts of up to `padding` pixels
+    and flips, drawn from the loader's generator."""
+    return lambda x, g: random_crop_flip(x, padding, generator=g)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from backdoors.data.augment import crop_flip
 from backdoors.data.dataset import Dataset, take_first
+from backdoors.data.loader import Augment
 from backdoors.registry import Registry
 
 TASKS: Registry[Task] = Registry("task")
@@ -17,7 +19,8 @@ class Task(ABC):
     Metadata (classes, shape, statistics) is known without touching the disk, so models
     and synthesizers are built and checked before any data loads; `train`/`test` load
     lazily on first use. `augment` defaults to the task's own choice (random crop and
-    flip for natural images, nothing for digits); `max_*_samples` keep the first N.
+    flip for natural images, nothing for digits), shifting images by up to `crop_padding`
+    pixels (4; the fast CIFAR profile uses 2); `max_*_samples` keep the first N.
     """
 
     num_classes: int = 10
@@ -37,15 +40,19 @@ class Task(ABC):
         max_train_samples: int | None = None,
         max_test_samples: int | None = None,
         augment: bool | None = None,
+        crop_padding: int = 4,
     ) -> None:
         for key, value in (("max_train_samples", max_train_samples),
                            ("max_test_samples", max_test_samples)):
             if value is not None and value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
+        if crop_padding < 0:
+            raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
         self.data_dir = Path(data_dir).expanduser() if data_dir else None
         self.max_train_samples = max_train_samples
         self.max_test_samples = max_test_samples
         self.augment = self.default_augment if augment is None else augment
+        self.crop_padding = crop_padding
         self._data: tuple[Dataset, Dataset] | None = None
 
     @property
@@ -62,6 +69,10 @@ class Task(ABC):
             self._data = (take_first(train, self.max_train_samples),
                           take_first(test, self.max_test_samples))
         return self._data
+
+    def augmentation(self) -> Augment | None:
+        """The training augmentation (random crop and flip), or None without `augment`."""
+        return crop_flip(self.crop_padding) if self.augment else None
 
     @property
     def train(self) -> Dataset:

@@ -19,9 +19,8 @@ import torch
 from torch import Tensor
 
 from backdoors.attacks import Attack
-from backdoors.data.augment import random_crop_flip
 from backdoors.data.dataset import ArrayDataset
-from backdoors.data.loader import Loader
+from backdoors.data.loader import Augment, Loader
 from backdoors.execution import Accelerated, LossScaler
 from backdoors.federated.updates import FlatModel
 from backdoors.training.trainer import Trainer
@@ -47,12 +46,12 @@ class LocalTraining:
     """Trains clients one after another on the shared model and optimizer."""
 
     def __init__(self, flat: FlatModel, optimizer: torch.optim.Optimizer, test_loader: Loader,
-                 batch_size: int, device: torch.device, augment: bool,
+                 batch_size: int, device: torch.device, augment: Augment | None,
                  max_batches: int | None = None, forward: Accelerated | None = None) -> None:
         self.flat, self.optimizer, self.test_loader = flat, optimizer, test_loader
         self.forward = forward if forward is not None else Accelerated(flat.model, device)
         self.batch_size, self.device, self.max_batches = batch_size, device, max_batches
-        self.augment = (lambda x, g: random_crop_flip(x, generator=g)) if augment else None
+        self.augment = augment
 
     def train(self, dataset: ArrayDataset, start: tuple[Tensor, Tensor], plan: LocalPlan,
               generator: torch.Generator, update_out: Tensor,

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from backdoors.attacks.base import Attack
 from backdoors.config import FederatedConfig, TrainConfig
-from backdoors.data.loader import Loader
+from backdoors.data.loader import Augment, Loader
 from backdoors.errors import Diverged
 from backdoors.federated.aggregator import Aggregator, RoundContext
 from backdoors.federated.engine import ClientEngine, ClientSide, LocalEngine
@@ -48,8 +48,8 @@ class RoundLoop:
 
     def __init__(self, clients: ClientSide, attack: Attack, synthesizer: Synthesizer,
                  test_loader: Loader, backdoor_loader: Loader | None, fc: FederatedConfig,
-                 tc: TrainConfig, aggregator: Aggregator, seed: int, augment: bool,
-                 device: torch.device,
+                 tc: TrainConfig, aggregator: Aggregator, seed: int,
+                 augment: Augment | None, device: torch.device,
                  engine: Callable[[RoundLoop], ClientEngine] | None = None) -> None:
         self.fc, self.tc, self.seed, self.attack = fc, tc, seed, attack
         self.synthesizer, self.aggregator = synthesizer, aggregator

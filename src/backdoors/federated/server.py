@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from backdoors.attacks.base import Attack
 from backdoors.config import TrainConfig
 from backdoors.data.dataset import ArrayDataset
-from backdoors.data.loader import Loader
+from backdoors.data.loader import Augment, Loader
 from backdoors.execution import accelerated
 from backdoors.federated.clients import LocalPlan, LocalTraining
 from backdoors.federated.updates import FlatModel
@@ -27,8 +27,8 @@ class ServerView:
     clients' optimizer settings (`tc`: `tc.lr` is their learning rate) and the test set."""
 
     def __init__(self, model: nn.Module, clean_train: ArrayDataset, honest: Attack,
-                 tc: TrainConfig, test_loader: Loader, seed: int, augment: bool,
-                 device: torch.device) -> None:
+                 tc: TrainConfig, test_loader: Loader, seed: int,
+                 augment: Augment | None, device: torch.device) -> None:
         scratch = copy.deepcopy(model)
         self.flat = FlatModel(scratch)
         self.local = LocalTraining(self.flat, make_optimizer(scratch, tc), test_loader,

@@ -4,6 +4,7 @@ from backdoors.models import (  # noqa: F401
     convnext,
     densenet,
     efficientnet,
+    fast_cifar,
     mobilenet,
     preact_resnet,
     resnet,

@@ -35,11 +35,17 @@ class ImageClassifier(nn.Module):
     D -> num_classes). Defenses and evasion losses use the three stages:
     `feature_map(x)` for Grad-CAM (SentiNet), `features(x)` for latent-space methods
     (spectral signatures, activation clustering), `head` for pruning and inspection.
+
+    A model with layers fitted to data rather than trained (fast_cifar's whitening) sets
+    `prepare_images` and overrides `prepare`: a run from scratch calls it once, on that
+    many training images, before the first step; what it fits lives in the state dict,
+    so resumed runs and defenses load it with the weights.
     """
 
     body: nn.Module
     pool: nn.Module
     head: nn.Linear
+    prepare_images: int = 0
 
     def __init__(
         self,
@@ -65,6 +71,10 @@ class ImageClassifier(nn.Module):
 
     def feature_dim(self) -> int:
         return self.head.in_features
+
+    def prepare(self, images: Tensor) -> None:
+        """Fit data-dependent layers to training `images` (pixels in [0, 1]); by default
+        there are none."""
 
 
 def flat_size(module: nn.Module, input_shape: Sequence[int]) -> int:

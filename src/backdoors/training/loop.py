@@ -15,16 +15,15 @@ from torch import Tensor, nn
 
 from backdoors.attacks.base import Attack, StepReport
 from backdoors.config import TrainConfig
-from backdoors.data.augment import random_crop_flip
 from backdoors.data.dataset import Dataset
-from backdoors.data.loader import Loader
+from backdoors.data.loader import Augment, Loader
 from backdoors.execution import LossScaler, accelerated
 from backdoors.hooks import ConsoleHook, Hook
 from backdoors.seeds import EVAL, TRAIN, derive, stream
 from backdoors.synthesizers.base import Synthesizer
 from backdoors.training.accounting import epsilon, sample_rate
 from backdoors.training.dp import DPSGD
-from backdoors.training.optim import make_optimizer, make_scheduler
+from backdoors.training.optim import make_optimizer, make_scheduler, stepped_per_batch
 from backdoors.training.trainer import EpochStats, Trainer
 
 SUMMARY_KEYS = ("clean_accuracy", "asr", "backdoor_accuracy", "robust_accuracy", "clean_loss",
@@ -41,23 +40,23 @@ class EpochLoop:
 
     def __init__(self, model: nn.Module, attack: Attack, synthesizer: Synthesizer,
                  train_set: Dataset, test_loader: Loader, backdoor_loader: Loader | None,
-                 tc: TrainConfig, seed: int, augment: bool, num_workers: int,
+                 tc: TrainConfig, seed: int, augment: Augment | None, num_workers: int,
                  device: torch.device) -> None:
         self.model, self.attack, self.tc = model, attack, tc
         self.train_size = len(train_set)
         self.generator = stream(seed, TRAIN)
-        crop_flip = (lambda x, g: random_crop_flip(x, generator=g)) if augment else None
         self.loader = Loader(train_set, tc.batch_size, device, shuffle=True,
-                             generator=self.generator, augment=crop_flip,
+                             generator=self.generator, augment=augment,
                              max_batches=tc.max_batches, num_workers=num_workers)
         self.optimizer = make_optimizer(model, tc)
-        self.scheduler = make_scheduler(self.optimizer, tc)
+        self.scheduler = make_scheduler(self.optimizer, tc, len(self.loader))
         self.forward = accelerated(model, tc, device)
         self.scaler = LossScaler(tc.precision, device)
         self.trainer = Trainer(self.forward, attack, self.optimizer, self.scheduler,
                                self.loader, test_loader, synthesizer, self.generator,
                                eval_seed=derive(seed, EVAL), progress=tc.progress,
-                               backdoor_loader=backdoor_loader, scaler=self.scaler)
+                               backdoor_loader=backdoor_loader, scaler=self.scaler,
+                               scheduler_per_batch=stepped_per_batch(tc))
         self.first, self.last = tc.start_epoch, tc.epochs
         self.steps_per_unit = len(self.loader)
 

@@ -73,9 +73,11 @@ class Trainer:
     backdoor_loader: Loader | None = None
     scaler: LossScaler = field(
         default_factory=lambda: LossScaler("fp32", torch.device("cpu")))
+    scheduler_per_batch: bool = False
 
     def train_epoch(self, epoch: int, on_step: StepCallback | None = None) -> EpochStats:
-        """One pass over the training loader, then one scheduler step."""
+        """One pass over the training loader; the scheduler steps after every batch
+        (`scheduler_per_batch`) or once at the end."""
         self.model.train()
         stats = EpochStats()
         totals: dict[str, float] = {}
@@ -88,6 +90,8 @@ class Trainer:
                 report = self.attack.backward(self.model, batch, self.generator)
             check_finite(report, epoch, step)
             self.scaler.step(self.optimizer)
+            if self.scheduler is not None and self.scheduler_per_batch:
+                self.scheduler.step()
             n = len(batch)
             stats.samples += n
             for name, value in report.losses.items():
@@ -97,7 +101,7 @@ class Trainer:
                 scale_counts[name] = scale_counts.get(name, 0) + 1
             if on_step is not None:
                 on_step(epoch, step, report)
-        if self.scheduler is not None:
+        if self.scheduler is not None and not self.scheduler_per_batch:
             self.scheduler.step()
         stats.seconds = time.perf_counter() - start
         stats.losses = {k: v / max(stats.samples, 1) for k, v in totals.items()}
