@@ -55,6 +55,11 @@ ATTACKERS: dict[str, dict[str, Any]] = {
     "DBA (4 parts)": {"attacker": {"name": "dba"}, "attackers_per_round": 4,
                       "weight_scale": 2.5},
     "constrain-and-scale": {"attacker": {"name": "constrain_and_scale", "bound": "server"}},
+    # A heavier anomaly term (1 - alpha = 0.7) keeps the backdoored model close enough to
+    # the global one to carry a backdoor through a lenient fixed clipping bound.
+    "constrain-and-scale, alpha 0.3": {"attacker": {"name": "constrain_and_scale",
+                                                    "bound": "server", "alpha": 0.3},
+                                       "key": "cs_alpha03"},
     "PGD + replacement": {"attacker": {"name": "pgd", "eps": "auto", "replacement": True}},
     "Neurotoxin": {"attacker": {"name": "neurotoxin"}},
     "Chameleon": {"attacker": {"name": "chameleon", "contrastive_epochs": 2}},
@@ -62,6 +67,8 @@ ATTACKERS: dict[str, dict[str, Any]] = {
 AGGREGATORS: dict[str, dict[str, Any]] = {
     "FedAvg": {"name": "fedavg"},
     "norm clipping": {"name": "norm_clipping"},
+    # A lenient fixed bound, 15x the median benign norm: what constrain-and-scale aims at.
+    "norm clipping, bound 3": {"name": "norm_clipping", "bound": 3.0, "key": "clip3"},
     "FLTrust": {"name": "fltrust"},
     "RLR": {"name": "rlr"},
     # RLR reverses the mean on weakly agreed coordinates, a boosted update included; the
@@ -85,7 +92,7 @@ AGGREGATORS: dict[str, dict[str, Any]] = {
 
 
 # Rules that bound every update's norm (the bound a constrain-and-scale attacker aims at).
-CLIPPING = {"norm_clipping", "weak_dp", "flame", "rlr_clipped"}
+CLIPPING = {"norm_clipping", "clip3", "weak_dp", "flame", "rlr_clipped"}
 
 
 def config(data_dir: Path, aggregator: dict, attacker: dict | None, rounds: int,
@@ -96,9 +103,9 @@ def config(data_dir: Path, aggregator: dict, attacker: dict | None, rounds: int,
         "aggregator": {k: v for k, v in aggregator.items() if k != "key"},
     }
     if attacker is not None:
-        clips = key(aggregator) in CLIPPING
-        options = {k: norm if v == "auto" or (v == "server" and clips) else
-                   None if v == "server" else v for k, v in attacker["attacker"].items()}
+        bound = aggregator.get("bound", norm) if key(aggregator) in CLIPPING else None
+        options = {k: norm if v == "auto" else bound if v == "server" else v
+                   for k, v in attacker["attacker"].items()}
         fed.update({
             "adversaries": 10, "attacker": options,
             "attack_window": [2, 1 + args.attack_rounds],
@@ -122,6 +129,11 @@ def config(data_dir: Path, aggregator: dict, attacker: dict | None, rounds: int,
 def key(aggregator: dict) -> str:
     """The name --aggregators and --pairs select an aggregator row by."""
     return aggregator.get("key", aggregator["name"])
+
+
+def attacker_key(attacker: dict) -> str:
+    """The name --attackers and --pairs select an attacker row by."""
+    return attacker.get("key", attacker["attacker"]["name"])
 
 
 def rounds_of(summary: dict) -> list[dict]:
@@ -174,7 +186,7 @@ def main() -> None:
     args = parser.parse_args()
     data_dir = mnist_split_dir()
     attackers = {k: v for k, v in ATTACKERS.items()
-                 if args.attackers is None or v["attacker"]["name"] in args.attackers.split(",")}
+                 if args.attackers is None or attacker_key(v) in args.attackers.split(",")}
     aggregators = {k: v for k, v in AGGREGATORS.items()
                    if args.aggregators is None or key(v) in args.aggregators.split(",")}
     total = 1 + args.attack_rounds + args.after
@@ -200,7 +212,7 @@ def main() -> None:
             tuple(pair.split(":")) for pair in args.pairs.split(",")}
         for a_label, attacker in attackers.items():
             for g_label, agg in aggregators.items():
-                if wanted and (attacker["attacker"]["name"], key(agg)) not in wanted:
+                if wanted and (attacker_key(attacker), key(agg)) not in wanted:
                     continue
                 summary = run(from_dict(config(data_dir, agg, attacker, total, weights, args,
                                                norm)), out=tmp, quiet=True)
