@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, machine, mnist_split_dir  # noqa: E402
 
 from backdoors.config import from_dict  # noqa: E402
+from backdoors.errors import RunFailed  # noqa: E402
 from backdoors.experiment import run  # noqa: E402
 from backdoors.runs import RunFolder  # noqa: E402
 
@@ -214,8 +215,13 @@ def main() -> None:
             for g_label, agg in aggregators.items():
                 if wanted and (attacker_key(attacker), key(agg)) not in wanted:
                     continue
-                summary = run(from_dict(config(data_dir, agg, attacker, total, weights, args,
-                                               norm)), out=tmp, quiet=True)
+                try:
+                    summary = run(from_dict(config(data_dir, agg, attacker, total, weights,
+                                                   args, norm)), out=tmp, quiet=True)
+                except RunFailed as exc:  # one diverged cell does not end the grid
+                    results[(a_label, g_label)] = {"failed": str(exc).split(" -> ")[0]}
+                    print(f"{a_label} x {g_label}: {exc}", flush=True)
+                    continue
                 c = cell(rounds_of(summary), summary, base, args.attack_rounds)
                 results[(a_label, g_label)] = c
                 print(f"{a_label} x {g_label}: clean {pct(c['clean'])} ASR {pct(c['asr'])} "
@@ -255,6 +261,8 @@ def report(args: argparse.Namespace, warm: dict, norm: float, base: list[dict],
         "",
     ]
     for a_label in attackers:
+        if not any((a_label, g) in results for g in aggregators):
+            continue
         lines += [f"### {a_label}", "",
                   "| aggregator | clean / ASR after the attack | max ASR in the window | "
                   "worst clean gap (pts) | ASR +1 / +5 / +10 / +20 rounds | "
@@ -263,6 +271,9 @@ def report(args: argparse.Namespace, warm: dict, norm: float, base: list[dict],
         for g_label in aggregators:
             c = results.get((a_label, g_label))
             if c is None:
+                continue
+            if "failed" in c:
+                lines.append(f"| {g_label} | {c['failed']} | | | | | |")
                 continue
             after = " / ".join(pct(c["after"][k]) for k in (1, 5, 10, 20))
             extra = "".join(f" ({k} {pct(v)})" for k, v in c["extra"].items())
