@@ -12,7 +12,7 @@ from backdoors.errors import ConfigError
 from backdoors.experiment import run
 from backdoors.federated.outputs import durability
 from backdoors.federated.population import sample_round
-from tests.test_federated_sim import fl, rows
+from test_federated_sim import fl, rows
 
 
 def attack_rounds(fc: FederatedConfig) -> list[int]:
