@@ -4,6 +4,7 @@ component's config errors, and durability in the summary."""
 from __future__ import annotations
 
 import pytest
+from test_federated_sim import fl, rows
 
 from backdoors.assembly.build import build
 from backdoors.config import from_dict
@@ -12,7 +13,6 @@ from backdoors.errors import ConfigError
 from backdoors.experiment import run
 from backdoors.federated.outputs import durability
 from backdoors.federated.population import sample_round
-from test_federated_sim import fl, rows
 
 
 def attack_rounds(fc: FederatedConfig) -> list[int]:
