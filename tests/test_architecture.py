@@ -16,7 +16,7 @@ PACKAGE = SRC / "backdoors"
 LAYERS: dict[str, int] = {
     "version": 0, "errors": 0, "typecheck": 0, "seeds": 0, "batch": 0,
     "config": 1, "registry": 1, "hooks": 1, "runs": 1,
-    "data": 2, "models": 2,
+    "data": 2, "models": 2, "execution": 2,
     "synthesizers": 3,
     "metrics": 4, "attacks": 4,
     "training": 5,
