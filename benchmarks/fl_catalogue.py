@@ -36,11 +36,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO, machine, mnist_split_dir  # noqa: E402
+from federated import pct, rounds_of  # noqa: E402
 
 from backdoors.config import from_dict  # noqa: E402
 from backdoors.errors import RunFailed  # noqa: E402
 from backdoors.experiment import run  # noqa: E402
-from backdoors.runs import RunFolder  # noqa: E402
 
 PARTICIPANTS, PER_ROUND = 100, 10
 # Each attacker with the federated options it is run with: attackers per attack round and
@@ -135,14 +135,6 @@ def key(aggregator: dict) -> str:
 def attacker_key(attacker: dict) -> str:
     """The name --attackers and --pairs select an attacker row by."""
     return attacker.get("key", attacker["attacker"]["name"])
-
-
-def rounds_of(summary: dict) -> list[dict]:
-    return [r for r in RunFolder(Path(summary["run_dir"])).rows() if r["kind"] == "round"]
-
-
-def pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.1f}"
 
 
 def cell(rows: list[dict], summary: dict, base: list[dict], attack_rounds: int) -> dict:
