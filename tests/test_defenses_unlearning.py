@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from test_defenses_repair import ATTACK
 from torch import nn
 
 from backdoors.assembly.artifact import reopen
@@ -48,14 +49,8 @@ from backdoors.runs.weights import load_into, load_weights, save_weights, state_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# The synthetic task (4 blob classes, 16x16, tiny_cnn) with 10% data poisoning and the
-# pattern trigger, target 1, as tests/test_defenses_repair.py.
-ATTACK: dict[str, Any] = {
-    "name": "repaired", "seed": 0, "task": {"name": "synthetic"},
-    "train": {"epochs": 4, "lr": 0.05, "tensorboard": False, "progress": False},
-    "synthesizer": {"name": "pattern", "target": 1},
-    "attack": {"name": "data", "ratio": 0.1},
-}
+# The attack: tests/test_defenses_repair.py's (the synthetic task, 10% data poisoning,
+# pattern trigger, target 1).
 # Small settings for speed. The synthetic clean budget is 17 images, one batch: FT-SAM
 # takes a larger learning rate (0.05; at the default 0.01, 20 epochs leave the backdoor)
 # and SAU a larger Adam step for the few steps it gets.
