@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from backdoors.assembly.artifact import reopen
@@ -207,6 +208,17 @@ def test_dataset_sanitizers_rank_poisoned_samples_first(name, defended):
 
 def test_strip_separates_triggered_inputs(defended):
     assert defended("strip")["auroc"] > 0.75
+
+
+def test_input_detectors_score_only_the_first_test_inputs_when_limited(attack_run):
+    full = defend(attack_run, "strip", {"n": 4})
+    limited = defend(attack_run, "strip", {"n": 4, "test_inputs": 40})
+    key = defense_key(Component("strip", {"n": 4, "test_inputs": 40}))
+    positive = load_file(str(attack_run / "defenses" / key / "scores.safetensors"))["positive"]
+    assert int((~positive.bool()).sum()) == 40 and int(positive.bool().sum()) == 40
+    assert limited["auroc"] > 0.7 and full["auroc"] > 0.7
+    with pytest.raises(ConfigError, match="test_inputs"):
+        defend(attack_run, "strip", {"test_inputs": 0})
 
 
 def test_fine_pruning_removes_most_of_the_backdoor(defended):

@@ -87,6 +87,17 @@ class InputDetector(Defense):
 
     stage = "input"
 
+    def __init__(self, test_inputs: int | None = None, **base: Any) -> None:
+        """`test_inputs`: score only the first N clean and the first N triggered test
+        inputs (default: all), for detectors that cost much per input (TeCo's 60
+        corrupted copies, Cognitive Distillation's optimisation)."""
+        super().__init__(**base)
+        if test_inputs is not None and (isinstance(test_inputs, bool)
+                                        or not isinstance(test_inputs, int)
+                                        or test_inputs < 1):
+            raise ValueError(f"test_inputs must be a positive integer, got {test_inputs!r}")
+        self.test_inputs = test_inputs
+
     def fit(self, model: nn.Module, data: DefenseData) -> None:  # noqa: B027 - optional
         """Calibrate on the clean budget before scoring (optional)."""
 
@@ -97,7 +108,8 @@ class InputDetector(Defense):
     def measure(self, model: nn.Module, data: DefenseData, target: DefenseTarget,
                 before: dict[str, Any]) -> Outcome:
         self.fit(model, data)
-        figures, scores, positive = input_detection(self.score, model, target, data.progress)
+        figures, scores, positive = input_detection(self.score, model, target, data.progress,
+                                                    self.test_inputs)
         return Outcome(figures=figures, artifacts={"scores": scores, "positive": positive})
 
 

@@ -4,11 +4,13 @@ before and after, DER). Each stage base calls the ones that fit it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from backdoors.batch import Batch
 from backdoors.defenses.progress import SILENT, Progress
 from backdoors.defenses.scores import auroc, der, tpr_at_fpr
 from backdoors.defenses.target import DefenseTarget
@@ -59,23 +61,43 @@ def recall_at(scores: Tensor, poisoned: Tensor, factor: float) -> float | None:
 
 @torch.no_grad()
 def input_detection(score: Any, model: nn.Module, target: DefenseTarget,
-                    progress: Progress = SILENT) -> tuple[dict[str, Any], Tensor, Tensor]:
+                    progress: Progress = SILENT, limit: int | None = None
+                    ) -> tuple[dict[str, Any], Tensor, Tensor]:
     """Score clean test inputs against triggered test inputs whose label is not the
-    backdoor label; `score(model, x)` is the detector's suspicion per input. Returns the
-    detection figures, the scores and which of them are triggered."""
+    backdoor label; `score(model, x)` is the detector's suspicion per input. `limit`
+    scores only the first `limit` inputs of each kind (in test-set order), for detectors
+    whose cost per input is large. Returns the detection figures, the scores and which of
+    them are triggered."""
     synth = target.synthesizer
     gen = stream(target.seed, DEFENSE)
     clean_scores, trig_scores = [], []
-    for batch in progress.phase(target.test_loader, "scoring clean test inputs"):
+    clean = progress.phase(target.test_loader, "scoring clean test inputs")
+    for batch in first_rows(clean, lambda b: torch.ones(len(b), dtype=torch.bool), limit):
         clean_scores.append(score(model, batch.inputs).cpu())
-    for batch in progress.phase(target.backdoor_loader or target.test_loader,
-                                "scoring triggered test inputs"):
-        keep = synth.counted(batch) & synth.eligible(batch)
-        if int(keep.sum()) == 0:
-            continue
-        triggered = synth.apply(batch.select(keep), 1.0, gen)
+    triggerable = progress.phase(target.backdoor_loader or target.test_loader,
+                                 "scoring triggered test inputs")
+    for batch in first_rows(triggerable, lambda b: synth.counted(b) & synth.eligible(b),
+                            limit):
+        triggered = synth.apply(batch, 1.0, gen)
         trig_scores.append(score(model, triggered.inputs).cpu())
     scores = torch.cat(clean_scores + trig_scores)
     positive = torch.cat([torch.zeros(sum(len(s) for s in clean_scores), dtype=torch.bool),
                           torch.ones(sum(len(s) for s in trig_scores), dtype=torch.bool)])
     return detection(scores, positive), scores, positive
+
+
+def first_rows(batches: Iterable[Batch], keep: Callable[[Batch], Tensor],
+               limit: int | None) -> Iterator[Batch]:
+    """The rows of `batches` that `keep` marks, up to `limit` of them in all (None: no
+    limit); batches left with no row are skipped."""
+    taken = 0
+    for batch in batches:
+        rows = keep(batch)
+        if limit is not None:
+            rows = rows & (rows.cumsum(0) <= limit - taken)
+        n = int(rows.sum())
+        if n:
+            taken += n
+            yield batch if n == len(rows) else batch.select(rows)
+        if limit is not None and taken >= limit:
+            return
