@@ -199,6 +199,20 @@ def test_the_report_has_tables_figures_and_intervals(finished, tmp_path):
     assert lines[0].startswith("table,attack,defense,mean") and len(lines) > 20
 
 
+def test_the_report_of_a_sweep_shows_only_the_defenses_of_its_grid(finished, tmp_path):
+    """A defense whose options the grid changed is run again under its new key; the old
+    result stays in the run folder but leaves the sweep's report."""
+    out = tmp_path / "out"
+    shutil.copytree(finished, out / "tiny")
+    grid = write_grid(tmp_path, {**GRID, "defenses": ["strip", {"name": "fine_pruning",
+                                                                 "epochs": 2}]})
+    sweep(grid, out, "local", workers=1, quiet=True)
+    md = report([out / "tiny"], tmp_path / "r.md", ("md",))[0].read_text()
+    assert "fine_pruning (epochs=2)" in md and "fine_pruning (epochs=1)" not in md
+    runs = list((out / "tiny" / "runs").iterdir())
+    assert all(len(list((r / "defenses").iterdir())) == 3 for r in runs)  # nothing deleted
+
+
 def test_the_report_renders_in_a_browser(finished, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:

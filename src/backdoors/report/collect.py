@@ -21,11 +21,14 @@ UNGROUPED = ("name", "seed", "defenses")
 
 @dataclass
 class Record:
-    """One finished attack run: the table row it belongs to and its seed."""
+    """One finished attack run: the table row it belongs to and its seed. `grid`: the
+    defense keys its sweep's grid asks for (None outside a sweep: every defense run on
+    it); a defense the run keeps from an earlier version of the grid is not reported."""
 
     folder: RunFolder
     row: str
     seed: int
+    grid: tuple[str, ...] | None = None
 
     @cached_property
     def summary(self) -> dict[str, Any]:
@@ -42,7 +45,9 @@ class Record:
 
     @property
     def defenses(self) -> dict[str, dict[str, Any]]:
-        return self.summary.get("defenses", {})
+        found = self.summary.get("defenses", {})
+        return found if self.grid is None else {k: v for k, v in found.items()
+                                                 if k in self.grid}
 
 
 def collect(paths: list[str | Path]) -> tuple[list[Record], list[str]]:
@@ -82,7 +87,8 @@ def _sweep(path: Path, records: list[Record], notes: list[str]) -> None:
         folder = RunFolder(path / entry.get("run_dir", f"runs/{cell_id}"))
         if entry.get("in_grid", True) and (folder.path / "config.yaml").is_file() \
                 and _completed(folder, notes):
-            records.append(Record(folder, entry["label"], int(entry["seed"])))
+            records.append(Record(folder, entry["label"], int(entry["seed"]),
+                                  tuple(entry.get("defenses", {}))))
 
 
 def _loose(paths: list[Path], records: list[Record], notes: list[str]) -> None:
