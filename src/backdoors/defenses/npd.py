@@ -230,8 +230,8 @@ class NPD(ModelRepair):
         with torch.no_grad():
             logits = model(x)
         clean_pred, targets = logits.argmax(1), targeted_labels(logits, y)
-        delta = targeted_perturbation(probe or model, x, targets, self.trigger_norm, self.adv_lr,
-                                      self.inner_steps)
+        delta = targeted_perturbation(model if probe is None else probe, x, targets,
+                                      self.trigger_norm, self.adv_lr, self.inner_steps)
         adv = (x + delta).clamp(0, 1)
         clean_logits, adv_logits = model(torch.cat([x, adv])).split(len(x))
         hit = float((adv_logits.argmax(1) == targets).float().mean())
