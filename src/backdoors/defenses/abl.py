@@ -16,6 +16,7 @@ from backdoors.defenses.results import Trained
 from backdoors.defenses.target import TrainingBudget
 from backdoors.defenses.training import accuracy, predict
 from backdoors.errors import DataError
+from backdoors.execution import Accelerated, LossScaler
 from backdoors.training.optim import make_optimizer, make_scheduler
 
 
@@ -93,6 +94,8 @@ class AntiBackdoorLearning(TrainingDefense):
         isolation = min(isolation, epochs)
         optimizer = make_optimizer(model, tc)
         scheduler = make_scheduler(optimizer, tc)
+        forward = Accelerated(model, data.device, data.precision)
+        scaler = LossScaler(data.precision, data.device)
 
         def fit(dataset: ArrayDataset, rounds: int, gamma: float | None) -> None:
             loader = Loader(dataset, tc.batch_size, data.device, shuffle=True,
@@ -101,10 +104,10 @@ class AntiBackdoorLearning(TrainingDefense):
             for _ in data.progress.phase(range(rounds), what):
                 model.train()
                 for batch in loader:
-                    loss = F.cross_entropy(model(batch.inputs), batch.labels)
+                    loss = F.cross_entropy(forward(batch.inputs), batch.labels)
                     optimizer.zero_grad(set_to_none=True)
-                    (loss if gamma is None else lga_loss(loss, gamma)).backward()
-                    optimizer.step()
+                    scaler.backward(loss if gamma is None else lga_loss(loss, gamma))
+                    scaler.step(optimizer)
                 if scheduler is not None:
                     scheduler.step()
 
@@ -125,6 +128,8 @@ class AntiBackdoorLearning(TrainingDefense):
         shortcut is gone it erodes everything else, so each step is kept only while the
         clean budget's accuracy stays within `max_accuracy_drop` of where it started."""
         optimizer = torch.optim.SGD(model.parameters(), lr=self.unlearning_lr, momentum=0.9)
+        forward = Accelerated(model, data.device, data.precision)
+        scaler = LossScaler(data.precision, data.device)
         loader = Loader(isolated, batch_size, data.device, shuffle=True,
                         generator=data.generator)
         start = kept = accuracy(model, data.clean, data)
@@ -134,8 +139,8 @@ class AntiBackdoorLearning(TrainingDefense):
                 saved = copy.deepcopy(model.state_dict())
                 model.train()
                 optimizer.zero_grad(set_to_none=True)
-                (-F.cross_entropy(model(batch.inputs), batch.labels)).backward()
-                optimizer.step()
+                scaler.backward(-F.cross_entropy(forward(batch.inputs), batch.labels))
+                scaler.step(optimizer)
                 current = accuracy(model, data.clean, data)
                 if current < start - self.max_accuracy_drop:
                     model.load_state_dict(saved)

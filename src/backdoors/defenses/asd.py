@@ -25,6 +25,7 @@ from backdoors.defenses.semi import (
 )
 from backdoors.defenses.target import TrainingBudget
 from backdoors.errors import DataError
+from backdoors.execution import Accelerated, LossScaler
 
 # The paper's schedule: 120 epochs, class-aware split for 60, class-agnostic for 30,
 # meta-split for 30; the class-aware pool grows every 5 of its 60 epochs (12 steps).
@@ -214,12 +215,14 @@ class AdaptiveSplit(SplittingDefense):
         assert data.train is not None
         virtual = copy.deepcopy(model).train()
         optimizer = torch.optim.Adam(deep_parameters(virtual), lr=self.meta_lr)
+        forward = Accelerated(virtual, data.device, data.precision)
+        scaler = LossScaler(data.precision, data.device)
         loader = Loader(data.train, budget.train.batch_size, data.device, shuffle=True,
                         generator=data.generator, augment=budget.augment)
         for _ in data.progress.phase(range(self.meta_epochs), "training the virtual model"):
             for batch in loader:
-                loss = F.cross_entropy(virtual(batch.inputs), batch.labels)
+                loss = F.cross_entropy(forward(batch.inputs), batch.labels)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.backward(loss)
+                scaler.step(optimizer)
         return virtual.eval()

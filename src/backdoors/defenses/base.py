@@ -35,7 +35,7 @@ class DefenseData:
     """What a defense is given. `clean` is a small labelled clean set (the budget);
     `train` is the training set as the victim received it (None unless the defense
     declared `uses_training_set`). `precision` is the run's: the shared fine-tuning
-    (defenses/training.py) trains in it."""
+    (defenses/training.py) and the defenses' own training loops train in it."""
 
     clean: ArrayDataset
     num_classes: int

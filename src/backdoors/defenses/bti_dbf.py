@@ -16,14 +16,19 @@ from backdoors.defenses.base import DEFENSES, DefenseData, ModelRepair
 from backdoors.defenses.results import Repaired
 from backdoors.defenses.training import accuracy, predict
 from backdoors.defenses.unet import Generator
+from backdoors.execution import LossScaler, autocast
 
 
-def decoupling_loss(model: nn.Module, fmap: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+def decoupling_loss(model: nn.Module, fmap: Tensor, mask: Tensor, labels: Tensor,
+                    precision: str = "fp32") -> Tensor:
     """Step 1's objective for the feature mask m in [0, 1]: the masked feature map m * f
     should classify correctly (benign features) and its complement (1 - m) * f should not:
-    CE(head(m f), y) - CE(head((1 - m) f), y), through the model's pool and head."""
+    CE(head(m f), y) - CE(head((1 - m) f), y), through the model's pool and head (run in
+    `precision`; the losses in fp32)."""
     def logits(f: Tensor) -> Tensor:
-        return model.head(model.pool(f))
+        with autocast(f.device, precision):
+            out = model.head(model.pool(f))
+        return out.float()
 
     return (F.cross_entropy(logits(mask * fmap), labels)
             - F.cross_entropy(logits((1 - mask) * fmap), labels))
@@ -94,7 +99,8 @@ class BTIDBF(ModelRepair):
     0, 1) with U's last layer zeroed starts as the identity without it. The mask is trained
     with the model in eval mode (the official code leaves a BN model in train mode there).
     Uses only the clean budget. Artifacts: the inverted poisoned images and triggers
-    (G(x) - x) of 8 clean-budget images.
+    (G(x) - x) of 8 clean-budget images. The three steps' forward passes (model and
+    generator) run in the run's precision, with the loss scaler under fp16.
     """
 
     NOISE = 0.03  # the official target-label detection's input noise
@@ -139,14 +145,15 @@ class BTIDBF(ModelRepair):
         raw = torch.randn(fmap.shape[1:], generator=data.generator).to(data.device)
         raw.requires_grad_(True)
         optimizer = torch.optim.Adam([raw], lr=self.mask_lr)
+        scaler = LossScaler(data.precision, data.device)
         for _ in data.progress.phase(range(self.mask_epochs), "decoupling benign features"):
             for idx in _batches(len(fmap), self.batch_size, data.generator):
                 mask = torch.tanh(raw) / 2 + 0.5
                 loss = decoupling_loss(model, fmap[idx].to(data.device), mask,
-                                       labels[idx].to(data.device))
+                                       labels[idx].to(data.device), data.precision)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.backward(loss)
+                scaler.step(optimizer)
         return (torch.tanh(raw) / 2 + 0.5).detach()
 
     def train_generator(self, model: nn.Module, generator: nn.Module, optimizer: Any,
@@ -155,25 +162,32 @@ class BTIDBF(ModelRepair):
         normalize = getattr(model, "normalize", nn.Identity())
         loader = Loader(data.clean, self.batch_size, data.device, shuffle=True,
                         generator=data.generator)
+        scaler = LossScaler(data.precision, data.device)
         inside, steps = 0, 0
         generator.train()
         for _ in data.progress.phase(range(self.generator_epochs),
                                      "training the backdoor generator"):
             for batch in loader:
                 x = batch.inputs
-                poisoned = generator(x)
-                with torch.no_grad():
-                    clean_feat = model.feature_map(x)
-                gen_feat = model.feature_map(poisoned)
+                # The networks' forward passes in the run's precision, the losses in fp32.
+                with autocast(data.device, data.precision):
+                    poisoned = generator(x)
+                    with torch.no_grad():
+                        clean_feat = model.feature_map(x)
+                    gen_feat = model.feature_map(poisoned)
+                poisoned, clean_feat, gen_feat = poisoned.float(), clean_feat.float(), \
+                    gen_feat.float()
                 distance = F.mse_loss(normalize(poisoned), normalize(x))
                 loss, ok = inversion_loss(clean_feat, gen_feat, mask, distance,
                                           self.norm_bound, self.feat_bound)
                 if target is not None:
                     goal = torch.full_like(batch.labels, target)
-                    loss = loss + F.cross_entropy(model.head(model.pool(gen_feat)), goal)
+                    with autocast(data.device, data.precision):
+                        logits = model.head(model.pool(gen_feat))
+                    loss = loss + F.cross_entropy(logits.float(), goal)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.backward(loss)
+                scaler.step(optimizer)
                 inside, steps = inside + ok, steps + 1
         generator.eval()
         return inside / max(steps, 1)
@@ -192,18 +206,22 @@ class BTIDBF(ModelRepair):
         """Step 3: fine-tune `model` (in place) on batches partly replaced by G(x)."""
         loader = Loader(data.clean, self.batch_size, data.device, shuffle=True,
                         generator=data.generator)
+        scaler = LossScaler(data.precision, data.device)
         model.train()
         for _ in data.progress.phase(range(self.unlearn_epochs),
                                      "unlearning the inverted trigger"):
             for batch in loader:
                 x = batch.inputs
-                mixed = with_inverted(x, generator, self.poison_fraction, data.generator)
-                clean_feat, mixed_feat = model.feature_map(torch.cat([x, mixed])).split(len(x))
-                loss = (F.cross_entropy(model.head(model.pool(mixed_feat)), batch.labels)
+                with autocast(data.device, data.precision):
+                    mixed = with_inverted(x, generator, self.poison_fraction, data.generator)
+                    feats = model.feature_map(torch.cat([x, mixed]))
+                    logits = model.head(model.pool(feats[len(x):]))
+                clean_feat, mixed_feat = feats.float().split(len(x))
+                loss = (F.cross_entropy(logits.float(), batch.labels)
                         + F.mse_loss(mixed_feat, clean_feat))
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.backward(loss)
+                scaler.step(optimizer)
         model.eval()
 
     def repair(self, model: nn.Module, data: DefenseData) -> Repaired:

@@ -24,6 +24,7 @@ from backdoors.defenses.semi import (
 from backdoors.defenses.simclr import pretrain
 from backdoors.defenses.target import TrainingBudget
 from backdoors.errors import DataError
+from backdoors.execution import LossScaler, autocast
 
 # The paper's schedule against a 200-epoch supervised budget: 100 SimCLR epochs, then 10
 # epochs of the linear head and 190 of semi-supervised fine-tuning.
@@ -113,9 +114,10 @@ class DecouplingDefense(SplittingDefense):
         ssl_curve = pretrain(model, train, data, ssl, self.self_batch_size, self.self_lr,
                              self.simclr_temperature)
         optimizer, scheduler = semi_optimizer(model, budget, self.lr)
+        scaler = LossScaler(data.precision, data.device)
         head_curve = []
         for _ in data.progress.phase(range(warmup), "linear head warm-up (frozen backbone)"):
-            head_curve.append(self._warmup_epoch(model, optimizer, data, budget))
+            head_curve.append(self._warmup_epoch(model, optimizer, scaler, data, budget))
             if scheduler is not None:
                 scheduler.step()
         semi = MixMatch(data.num_classes, tc.batch_size,
@@ -142,7 +144,7 @@ class DecouplingDefense(SplittingDefense):
                        artifacts={k: v for k, v in artifacts.items() if len(v)})
 
     def _warmup_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                      data: DefenseData, budget: TrainingBudget) -> float:
+                      scaler: LossScaler, data: DefenseData, budget: TrainingBudget) -> float:
         """One epoch of the head alone on frozen backbone features (eval mode, no
         gradient), symmetric cross-entropy; returns the mean loss."""
         assert data.train is not None
@@ -151,11 +153,13 @@ class DecouplingDefense(SplittingDefense):
         model.eval()
         total = 0.0
         for batch in loader:
-            with torch.no_grad():
-                features = model.features(batch.inputs)
-            loss = symmetric_cross_entropy(model.head(features), batch.labels)
+            with autocast(data.device, data.precision):
+                with torch.no_grad():
+                    features = model.features(batch.inputs)
+                logits = model.head(features)
+            loss = symmetric_cross_entropy(logits.float(), batch.labels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.backward(loss)
+            scaler.step(optimizer)
             total += loss.item()
         return total / max(1, len(loader))

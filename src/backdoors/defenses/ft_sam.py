@@ -15,6 +15,8 @@ from backdoors.data.loader import Loader
 from backdoors.defenses.base import DEFENSES, DefenseData, ModelRepair
 from backdoors.defenses.results import Repaired
 from backdoors.defenses.training import accuracy
+from backdoors.execution import Accelerated, LossScaler, scaled
+from backdoors.execution.precision import loss_scale
 
 
 def smooth_cross_entropy(logits: Tensor, labels: Tensor, smoothing: float) -> Tensor:
@@ -44,15 +46,22 @@ def sam_gradients(params: list[Tensor], loss_fn: Callable[[bool], Tensor], rho: 
                   adaptive: bool = True, eta: float = 0.0) -> tuple[Tensor, list[Tensor]]:
     """(loss at w, gradient at w + ε): one SAM step's two forward-backward passes;
     `loss_fn(perturbed)` says which pass it is. The weights are perturbed in place for
-    the second pass and restored before returning."""
+    the second pass and restored before returning.
+
+    Inside a `LossScaler.scope()` under fp16 both gradients are of the scaled losses (so
+    they do not underflow) and the returned one stays scaled, for the scaler's step to
+    divide out; ε needs no unscaling, as it depends on g / ||T g|| only. If the first
+    gradient overflowed, it is returned as is (no perturbation): the scaler skips the step."""
     loss = loss_fn(False)
-    grads = list(torch.autograd.grad(loss, params))
+    grads = list(torch.autograd.grad(scaled(loss), params))
+    if loss_scale(loss.device) is not None and not all(bool(g.isfinite().all()) for g in grads):
+        return loss.detach(), grads
     eps = sam_perturbation(params, grads, rho, adaptive, eta)
     with torch.no_grad():
         for p, e in zip(params, eps, strict=True):
             p.add_(e)
     try:
-        sharp = list(torch.autograd.grad(loss_fn(True), params))
+        sharp = list(torch.autograd.grad(scaled(loss_fn(True)), params))
     finally:
         with torch.no_grad():
             for p, e in zip(params, eps, strict=True):
@@ -107,7 +116,8 @@ class FTSAM(ModelRepair):
     `label_smoothing` 0.1. Deviations: no data augmentation (the clean budget is used as
     is, as every repair here), and the cosine runs once over all steps (the official code
     steps its epoch-length schedule every batch, so its learning rate oscillates).
-    Uses only the clean budget.
+    Uses only the clean budget. Forward passes run in the run's precision; under fp16 both
+    SAM gradients are taken of the scaled loss and the step goes through the loss scaler.
     """
 
     def __init__(
@@ -146,6 +156,8 @@ class FTSAM(ModelRepair):
                         generator=data.generator)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=max(1, self.epochs * len(loader)))
+        forward = Accelerated(model, data.device, data.precision)
+        scaler = LossScaler(data.precision, data.device)
         losses = []
         model.train()
         for _ in data.progress.phase(range(self.epochs), "fine-tuning with adaptive SAM on "
@@ -155,12 +167,14 @@ class FTSAM(ModelRepair):
                 def loss_fn(perturbed: bool, x: Tensor = batch.inputs,
                             y: Tensor = batch.labels) -> Tensor:
                     with frozen_running_stats(model, perturbed):
-                        return smooth_cross_entropy(model(x), y, self.label_smoothing)
+                        return smooth_cross_entropy(forward(x), y, self.label_smoothing)
 
-                loss, grads = sam_gradients(params, loss_fn, self.rho, self.adaptive, self.eta)
+                with scaler.scope():
+                    loss, grads = sam_gradients(params, loss_fn, self.rho, self.adaptive,
+                                                self.eta)
                 for p, g in zip(params, grads, strict=True):
                     p.grad = g
-                optimizer.step()
+                scaler.step(optimizer)
                 schedule.step()
                 total += float(loss) * len(batch.labels)
             losses.append(total / max(len(data.clean), 1))

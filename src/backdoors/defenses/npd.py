@@ -14,8 +14,9 @@ from backdoors.data.loader import Loader
 from backdoors.defenses.base import DEFENSES, DefenseData, ModelRepair
 from backdoors.defenses.layers import neuron_layers
 from backdoors.defenses.results import Repaired
-from backdoors.defenses.training import accuracy
+from backdoors.defenses.training import accuracy, unscaled_precision
 from backdoors.errors import ConfigError, did_you_mean
+from backdoors.execution import Accelerated, LossScaler
 
 
 class Polarizer(nn.Module):
@@ -158,6 +159,10 @@ class NPD(ModelRepair):
     warm-up. Batch statistics would divide near-constant channels by their tiny
     deviation: calibrated on the clean budget, the 512 inputs of tiny_cnn's hidden layer
     diverged (clean accuracy 10% on the digits task). Uses only the clean budget.
+
+    Precision: the polarized model's forward passes run in the run's precision and the
+    polarizer's step uses the loss scaler under fp16. The targeted perturbation takes
+    input gradients unscaled, so under fp16 it runs in fp32 (`unscaled_precision`).
     """
 
     def __init__(
@@ -217,14 +222,16 @@ class NPD(ModelRepair):
             insert_polarizer(model, key.removesuffix(suffix), state[key].shape[0])
         return super().restore(model, state)
 
-    def train_step(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, float]:
+    def train_step(self, model: nn.Module, x: Tensor, y: Tensor,
+                   probe: nn.Module | None = None) -> tuple[Tensor, float]:
         """The loss of one batch (graph kept for the polarizer) and the share of its
-        targeted adversarial examples that hit."""
+        targeted adversarial examples that hit. `model` is the polarized model's forward;
+        `probe` (default: `model`) the one the perturbation search differentiates."""
         with torch.no_grad():
             logits = model(x)
         clean_pred, targets = logits.argmax(1), targeted_labels(logits, y)
-        delta = targeted_perturbation(model, x, targets, self.trigger_norm, self.adv_lr,
-                                      self.inner_steps)
+        delta = targeted_perturbation(model if probe is None else probe, x, targets,
+                                      self.trigger_norm, self.adv_lr, self.inner_steps)
         adv = (x + delta).clamp(0, 1)
         clean_logits, adv_logits = model(torch.cat([x, adv])).split(len(x))
         hit = float((adv_logits.argmax(1) == targets).float().mean())
@@ -241,14 +248,17 @@ class NPD(ModelRepair):
                         generator=data.generator)
         # The official config anneals the learning rate by a cosine over the epochs.
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, self.epochs))
+        forward = Accelerated(model, data.device, data.precision)
+        probe = Accelerated(model, data.device, unscaled_precision(data.precision))
+        scaler = LossScaler(data.precision, data.device)
         hits = []
         for _ in data.progress.phase(range(self.epochs), "training the polarizer"):
             rates = []
             for batch in loader:
-                loss, hit = self.train_step(model, batch.inputs, batch.labels)
+                loss, hit = self.train_step(forward, batch.inputs, batch.labels, probe)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.backward(loss)
+                scaler.step(optimizer)
                 rates.append(hit)
             schedule.step()
             hits.append(sum(rates) / max(len(rates), 1))

@@ -16,7 +16,8 @@ from backdoors.defenses.base import DEFENSES, DefenseData, ModelRepair
 from backdoors.defenses.channels import channel_layers, pruning_figures
 from backdoors.defenses.layers import output_shapes
 from backdoors.defenses.results import Repaired
-from backdoors.defenses.training import accuracy
+from backdoors.defenses.training import accuracy, unscaled_precision
+from backdoors.execution import Accelerated, LossScaler
 
 
 @torch.no_grad()
@@ -73,6 +74,10 @@ class RNP(ModelRepair):
     gradient clipping before the backward pass, where it clips nothing; here the gradient
     is clipped, as intended. The paper's clean budget is 500 images (1% of CIFAR-10); here
     `clean_fraction` (default 5%).
+
+    Precision: both phases' forward passes run in the run's precision; the recovery steps
+    with the loss scaler under fp16. The unlearning clips gradient norms, which needs
+    unscaled gradients, so under fp16 it runs in fp32 (`unscaled_precision`).
     """
 
     def __init__(
@@ -124,6 +129,7 @@ class RNP(ModelRepair):
         model = copy.deepcopy(model).train().requires_grad_(True)
         params = list(model.parameters())
         opt = torch.optim.SGD(params, lr=self.unlearning_lr, momentum=0.9, weight_decay=5e-4)
+        forward = Accelerated(model, data.device, unscaled_precision(data.precision))
         history: list[float] = []
         for epoch in data.progress.phase(range(self.unlearning_epochs),
                                          "unlearning the clean budget"):
@@ -131,7 +137,7 @@ class RNP(ModelRepair):
                 for group in opt.param_groups:
                     group["lr"] = self.unlearning_lr / 10
             for batch in self._loader(data):
-                logits = model(batch.inputs)
+                logits = forward(batch.inputs)
                 history.append(float((logits.argmax(1) == batch.labels).double().mean()))
                 # Checked before each step, not once an epoch as the paper's code does: with
                 # a few batches an epoch the model collapses within one epoch, and every
@@ -151,15 +157,17 @@ class RNP(ModelRepair):
         shapes = output_shapes(unlearned, [m for _, m in layers], data.input_shape)
         masks = NeuronPerturbation(layers, [neuron_shape(s, "channel") for s in shapes])
         opt = torch.optim.SGD(masks.masks, lr=self.recovering_lr, momentum=0.9)
+        forward = Accelerated(unlearned, data.device, data.precision)
+        scaler = LossScaler(data.precision, data.device)
         unlearned.train()
         with masks.applied():
             for _ in data.progress.phase(range(self.recovering_epochs),
                                          "recovering with filter masks"):
                 for batch in self._loader(data):
-                    loss = self.alpha * F.cross_entropy(unlearned(batch.inputs), batch.labels)
+                    loss = self.alpha * F.cross_entropy(forward(batch.inputs), batch.labels)
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                    scaler.backward(loss)
+                    scaler.step(opt)
                     with torch.no_grad():
                         for m in masks.masks:
                             m.clamp_(0.0, 1.0)

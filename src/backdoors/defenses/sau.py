@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from backdoors.data.loader import Loader
 from backdoors.defenses.base import DEFENSES, DefenseData, ModelRepair
 from backdoors.defenses.results import Repaired
-from backdoors.defenses.training import accuracy
+from backdoors.defenses.training import accuracy, unscaled_precision
+from backdoors.execution import Accelerated, LossScaler
 
 
 def js_divergence(p: Tensor, q: Tensor) -> Tensor:
@@ -112,6 +113,10 @@ class SAU(ModelRepair):
     eval mode (batch norm keeps its statistics, the official default); perturbed inputs
     are not clipped to [0, 1] (as the official code, which notes it is not needed for
     backdoor defense). Uses only the clean budget.
+
+    Precision: the models' forward passes run in the run's precision and the outer step
+    uses the loss scaler under fp16. The perturbation search takes input gradients
+    unscaled, so under fp16 it runs in fp32 (`unscaled_precision`).
     """
 
     def __init__(
@@ -164,18 +169,23 @@ class SAU(ModelRepair):
                         generator=data.generator)
         # The official config anneals Adam's learning rate by a cosine over the epochs.
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, self.epochs))
+        search = unscaled_precision(data.precision)
+        probe, ref_probe = (Accelerated(m, data.device, search) for m in (model, reference))
+        forward, ref_forward = (Accelerated(m, data.device, data.precision)
+                                for m in (model, reference))
+        scaler = LossScaler(data.precision, data.device)
         shared_rate, last = [], torch.zeros(0)
         for _ in data.progress.phase(range(self.epochs), "unlearning shared adversarial "
                                      "examples"):
             shared = 0
             for batch in loader:
                 x, y = batch.inputs, batch.labels
-                delta, found = shared_pgd(model, reference, x, y, self.norm_bound, self.adv_lr,
+                delta, found = shared_pgd(probe, ref_probe, x, y, self.norm_bound, self.adv_lr,
                                           self.adv_steps, self.beta_1, self.beta_2)
                 shared += int(found.sum())
                 optimizer.zero_grad(set_to_none=True)
-                self.outer_loss(model, reference, x, y, delta).backward()
-                optimizer.step()
+                scaler.backward(self.outer_loss(forward, ref_forward, x, y, delta))
+                scaler.step(optimizer)
                 last = delta[:8].cpu()
             schedule.step()
             shared_rate.append(shared / max(len(data.clean), 1))

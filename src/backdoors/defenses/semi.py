@@ -31,6 +31,7 @@ from backdoors.data.loader import Augment
 from backdoors.defenses.base import DefenseData, TrainingDefense
 from backdoors.defenses.results import Outcome
 from backdoors.defenses.target import DefenseTarget, TrainingBudget
+from backdoors.execution import Accelerated, LossScaler
 from backdoors.training.optim import make_optimizer, make_scheduler
 
 Scheduler = torch.optim.lr_scheduler.LRScheduler
@@ -103,12 +104,15 @@ class MixMatch:
     alpha: float = 0.75
     lambda_u: float = 15.0
     rng: np.random.Generator = field(init=False)
+    # One scaler for all epochs: fp16's loss scale carries over, as it does in training.
+    scaler: LossScaler = field(init=False)
 
     def __post_init__(self) -> None:
         # numpy's Beta sampler, seeded from the defense's generator: torch's Beta cannot
         # take a generator, and a defense must repeat itself for a given run seed.
         seed = int(torch.randint(0, 2**62, (1,), generator=self.data.generator))
         self.rng = np.random.default_rng(seed)
+        self.scaler = LossScaler(self.data.precision, self.data.device)
 
     def _load(self, ds: ArrayDataset, idx: Tensor) -> Tensor:
         x = ds.images[idx].to(self.data.device).float().div_(255.0)
@@ -119,6 +123,7 @@ class MixMatch:
         """One epoch of MixMatch steps; returns the mean loss, Lx, Lu and lambda_u."""
         model.train()
         g, dev = self.data.generator, self.data.device
+        forward = Accelerated(model, dev, self.data.precision)
         if len(unlabelled) == 0:  # all labelled (ASD's class-aware pool on a small set):
             unlabelled = labelled  # guessing labels of labelled images changes nothing
         x_batches = batches(len(labelled), self.batch_size, g)
@@ -130,7 +135,7 @@ class MixMatch:
             y = F.one_hot(labelled.labels[xi].to(dev), self.num_classes).float()
             u1, u2 = self._load(unlabelled, ui), self._load(unlabelled, ui)
             with torch.no_grad():
-                guess = (model(u1).softmax(1) + model(u2).softmax(1)) / 2
+                guess = (forward(u1).softmax(1) + forward(u2).softmax(1)) / 2
                 q = sharpen(guess, self.temperature)
             inputs, targets = torch.cat([x, u1, u2]), torch.cat([y, q, q])
             perm = torch.randperm(len(inputs), generator=g).to(dev)
@@ -138,14 +143,14 @@ class MixMatch:
                                                                                self.alpha)), perm)
             # One forward pass over the whole mixed batch: batch norm sees labelled and
             # unlabelled rows together (what the reference code's interleaving arranges).
-            logits = model(mixed)
+            logits = forward(mixed)
             b = len(x)
             lx, lu = mixmatch_loss(logits[:b], mixed_targets[:b], logits[b:], mixed_targets[b:])
             weight = self.lambda_u * rampup(epoch + i / self.iterations, self.rampup)
             loss = lx + weight * lu
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            self.scaler.backward(loss)
+            self.scaler.step(optimizer)
             sums += (loss.item(), lx.item(), lu.item(), weight)
         means = sums / max(1, self.iterations)
         return dict(zip(("loss", "lx", "lu", "lambda_u"), means.tolist(), strict=True))

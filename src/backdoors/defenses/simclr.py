@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from backdoors.data.dataset import ArrayDataset
 from backdoors.defenses.base import DefenseData
 from backdoors.defenses.semi import batches
+from backdoors.execution import LossScaler, autocast
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights, as torchvision's grayscale
 
@@ -166,6 +167,7 @@ def pretrain(model: nn.Module, train: ArrayDataset, data: DefenseData, epochs: i
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
     steps = max(1, len(train) // min(batch_size, len(train)))
     stream = batches(len(train), batch_size, data.generator)
+    scaler = LossScaler(data.precision, data.device)
     losses = []
     model.train()
     head.train()
@@ -174,11 +176,13 @@ def pretrain(model: nn.Module, train: ArrayDataset, data: DefenseData, epochs: i
         for _ in range(steps):
             x = train.images[next(stream)].to(data.device).float().div_(255.0)
             views = torch.cat([simclr_view(x, data.generator), simclr_view(x, data.generator)])
-            z = head(model.features(views))
-            loss = nt_xent(z[:len(x)], z[len(x):], temperature)
+            # The backbone's and head's forward only: the contrastive loss stays fp32.
+            with autocast(data.device, data.precision):
+                z = head(model.features(views))
+            loss = nt_xent(z[:len(x)].float(), z[len(x):].float(), temperature)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.backward(loss)
+            scaler.step(optimizer)
             total += loss.item()
         schedule.step()
         losses.append(total / steps)

@@ -4,7 +4,9 @@ Fine-tuning follows BackdoorBench's defaults (SGD, lr 0.01, momentum 0.9, weight
 5e-4). Batches are indexed from the in-memory dataset (no per-sample Python) and shuffled
 with the defense's generator, so a repair is reproducible for a given run seed.
 Fine-tuning runs in the run's precision (DefenseData.precision): the forward under the
-project's autocast, fp16 with a loss scaler (backdoors.execution).
+project's autocast, fp16 with a loss scaler (backdoors.execution). Defenses with their
+own loops do the same through the same helpers; passes whose gradients a defense takes
+itself (`unscaled_precision`) run in bf16 or fp32, never unscaled fp16.
 """
 
 from __future__ import annotations
@@ -26,6 +28,14 @@ BatchTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 # A loss term added to the cross-entropy, called with the batch's inputs right after the
 # model's forward pass on them (so forward hooks have fired); e.g. NAD's attention loss.
 ExtraLoss = Callable[[Tensor], Tensor]
+
+
+def unscaled_precision(precision: str) -> str:
+    """The precision for forward passes whose gradients a defense takes itself, with no
+    loss scale (torch.autograd.grad, signed or clipped steps, hypergradients): the run's,
+    except fp16, whose small gradients would underflow there unscaled, so fp32. bf16 has
+    fp32's exponent range and needs no scale."""
+    return "fp32" if precision == "fp16" else precision
 
 
 def finetune(
