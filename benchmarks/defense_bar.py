@@ -6,6 +6,8 @@ bar looks at, and says whether the bar holds for that attack:
 - detectors (input and dataset stages): AUROC >= 0.9;
 - repairs, and training-time defenses (judged by the model they train): ASR < 20% at a
   clean-accuracy cost of at most 5 points against the attacked model;
+- training-time defenses and sanitisers are not judged on attacks whose training set holds
+  no poisoned row (batch injection);
 - inspectors: the attack's target class flagged in every seed.
 
 A defense meets the bar when it holds on at least two attacks (`--need`). The table goes
@@ -64,6 +66,11 @@ def pct(e: Estimate | None) -> str:
 def judge(records: list[Record], key: str) -> tuple[str, bool | None]:
     """The cell text and whether the bar holds (None: nothing to judge)."""
     stage = next(r.defenses[key]["stage"] for r in records if key in r.defenses)
+    if stage in ("training", "dataset") and all(
+            not r.summary.get("poisoned_samples") for r in records):
+        # A batch-injected attack leaves no poisoned row: retraining on the set is clean by
+        # construction and a sanitiser has nothing to find, so there is nothing to judge.
+        return "no poisoned rows", None
     if stage in REPAIRING:
         asr = figure(records, key, lambda r, d: (d.get("after") or {}).get("asr"))
         lost = figure(records, key, lambda r, d: cost(d))
