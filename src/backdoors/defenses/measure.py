@@ -72,7 +72,7 @@ def input_detection(score: Any, model: nn.Module, target: DefenseTarget,
     gen = stream(target.seed, DEFENSE)
     clean_scores, trig_scores = [], []
     clean = progress.phase(target.test_loader, "scoring clean test inputs")
-    for batch in first_rows(clean, lambda b: torch.ones(len(b), dtype=torch.bool), limit):
+    for batch in first_rows(clean, every_row, limit):
         clean_scores.append(score(model, batch.inputs).cpu())
     triggerable = progress.phase(target.backdoor_loader or target.test_loader,
                                  "scoring triggered test inputs")
@@ -84,6 +84,11 @@ def input_detection(score: Any, model: nn.Module, target: DefenseTarget,
     positive = torch.cat([torch.zeros(sum(len(s) for s in clean_scores), dtype=torch.bool),
                           torch.ones(sum(len(s) for s in trig_scores), dtype=torch.bool)])
     return detection(scores, positive), scores, positive
+
+
+def every_row(batch: Batch) -> Tensor:
+    """A mask keeping every row of `batch`, on its device."""
+    return torch.ones(len(batch), dtype=torch.bool, device=batch.inputs.device)
 
 
 def first_rows(batches: Iterable[Batch], keep: Callable[[Batch], Tensor],
