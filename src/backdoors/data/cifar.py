@@ -7,14 +7,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from backdoors.data.checks import near_miss, require_folder
 from backdoors.data.cifar_batches import BINARY_FILES, PICKLE_FILES, read_batches
 from backdoors.data.cifar_folder import read_split_folders
 from backdoors.data.dataset import ArrayDataset
 from backdoors.data.download import download_file, safe_extract_tar
-from backdoors.data.task import TASKS, Task
+from backdoors.data.task import TASKS, DownloadableTask
 from backdoors.errors import DataError
 
 DEFAULT_DIR = Path(".data/cifar10")
@@ -107,7 +106,7 @@ def extract_shared_cifar(tar_path: str | Path, cache_dir: str | Path) -> Path:
 
 
 @TASKS.register("cifar10")
-class Cifar10Task(Task):
+class Cifar10Task(DownloadableTask):
     """CIFAR-10 (Krizhevsky, 2009): 50,000 train / 10,000 test colour images, 3x32x32.
 
     Reads whichever layout `data_dir` (default `.data/cifar10`) holds: the python pickles
@@ -125,14 +124,6 @@ class Cifar10Task(Task):
     default_model = "resnet18"
     default_augment = True
     class_names = CLASS_NAMES
-
-    def __init__(
-        self,
-        download: bool = False,
-        **common: Any,
-    ) -> None:
-        super().__init__(**common)
-        self.download = download
 
     def _load(self) -> tuple[ArrayDataset, ArrayDataset]:
         return load_cifar10(self.data_dir, self.download)

@@ -13,7 +13,7 @@ from backdoors.data.checks import near_miss, require_folder
 from backdoors.data.cifar_batches import checked_labels, load_array_pickle, pickled_data
 from backdoors.data.dataset import ArrayDataset
 from backdoors.data.download import download_file, safe_extract_tar
-from backdoors.data.task import TASKS, Task
+from backdoors.data.task import TASKS, DownloadableTask
 from backdoors.errors import DataError
 
 DEFAULT_DIR = Path(".data/cifar100")
@@ -109,7 +109,7 @@ def load_cifar100(data_dir: str | Path | None = None, label: str = "fine",
 
 
 @TASKS.register("cifar100")
-class Cifar100Task(Task):
+class Cifar100Task(DownloadableTask):
     """CIFAR-100 (Krizhevsky, 2009): 50,000 train / 10,000 test colour images, 3x32x32.
 
     Reads the python version (`cifar-100-python/{train,test,meta}` under `data_dir`,
@@ -132,14 +132,13 @@ class Cifar100Task(Task):
     def __init__(
         self,
         label: str = "fine",
-        download: bool = False,
         **common: Any,
     ) -> None:
         super().__init__(**common)
         if label not in _NAMES:
             raise ValueError(f"label must be 'fine' (100 classes) or 'coarse' (20 "
                              f"superclasses), got {label!r}")
-        self.label, self.download = label, download
+        self.label = label
         self.class_names = _NAMES[label]
         self.num_classes = len(self.class_names)
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from backdoors.data.dataset import ArrayDataset
 from backdoors.data.mnist import load_mnist
-from backdoors.data.task import TASKS, Task
+from backdoors.data.task import TASKS, DownloadableTask
 
 
 def identity_labels(present: Tensor, identities: Sequence[int]) -> Tensor:
@@ -79,7 +79,7 @@ def make_canvases(
 
 
 @TASKS.register("counting")
-class CountingTask(Task):
+class CountingTask(DownloadableTask):
     """Digit counting with identities: an offline stand-in for Blind Backdoors' PIPA task.
 
     Blind Backdoors (Bagdasaryan & Shmatikov, arXiv 2005.03823) uses a complex backdoor
@@ -112,7 +112,6 @@ class CountingTask(Task):
         identities: list[int] | None = None,
         jitter: int = 2,
         seed: int = 0,
-        download: bool = False,
         **common: Any,
     ) -> None:
         super().__init__(**common)
@@ -138,7 +137,7 @@ class CountingTask(Task):
         self.train_size, self.test_size = train_size, test_size
         self.canvas, self.digit_size, self.max_count = canvas, digit_size, max_count
         self.identities, self.jitter = idents, jitter
-        self.seed, self.download = seed, download
+        self.seed = seed
 
     def _build(self, digits: ArrayDataset, size: int, stream: int) -> ArrayDataset:
         images, counts, present = make_canvases(

@@ -18,7 +18,7 @@ from backdoors.data.dataset import ArrayDataset
 from backdoors.data.download import download_file, safe_extract_zip
 from backdoors.data.image_cache import cache_dir, cached_images, decode_parallel
 from backdoors.data.image_folder import image_error, list_classes
-from backdoors.data.task import TASKS, Task
+from backdoors.data.task import TASKS, DownloadableTask
 from backdoors.errors import DataError
 
 DEFAULT_DIR = Path(".data/gtsrb")
@@ -184,7 +184,7 @@ def load_gtsrb(data_dir: str | Path | None = None, size: int = 32, crop_roi: boo
 
 
 @TASKS.register("gtsrb")
-class GtsrbTask(Task):
+class GtsrbTask(DownloadableTask):
     """GTSRB traffic signs (Stallkamp et al., IJCNN 2011): 39,209 train / 12,630 test, 43 classes.
 
     The German Traffic Sign Recognition Benchmark (Stallkamp et al., IJCNN 2011; Neural
@@ -210,7 +210,6 @@ class GtsrbTask(Task):
         self,
         size: int = 32,
         crop_roi: bool = False,
-        download: bool = False,
         **common: Any,
     ) -> None:
         super().__init__(**common)
@@ -220,7 +219,7 @@ class GtsrbTask(Task):
             raise ValueError("augment: true would flip traffic signs horizontally (the "
                              "augmentation is random crop + flip), which changes their "
                              "meaning, e.g. 'keep right' into 'keep left'; leave it off")
-        self.size, self.crop_roi, self.download = size, crop_roi, download
+        self.size, self.crop_roi = size, crop_roi
         self.input_shape = (3, size, size)
 
     def _load(self) -> tuple[ArrayDataset, ArrayDataset]:

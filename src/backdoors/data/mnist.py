@@ -16,7 +16,7 @@ import torch
 from backdoors.data.checks import near_miss, reason, require_folder
 from backdoors.data.dataset import ArrayDataset
 from backdoors.data.download import download_file
-from backdoors.data.task import TASKS, Task
+from backdoors.data.task import TASKS, DownloadableTask
 from backdoors.errors import DataError
 
 DEFAULT_DIR = Path(".data/mnist")
@@ -218,7 +218,7 @@ def write_mnist_split(src_dir: str | Path, out_dir: str | Path, n_train: int = 8
 
 
 @TASKS.register("mnist")
-class MnistTask(Task):
+class MnistTask(DownloadableTask):
     """MNIST handwritten digits (LeCun et al., 1998): 60,000 train / 10,000 test, 1x28x28.
 
     Reads the four standard IDX files (raw or .gz) from `data_dir` (default `.data/mnist`;
@@ -239,14 +239,13 @@ class MnistTask(Task):
 
     def __init__(
         self,
-        download: bool = False,
         test_split: int | None = None,
         **common: Any,
     ) -> None:
         super().__init__(**common)
         if test_split is not None and test_split < 1:
             raise ValueError(f"test_split must be >= 1, got {test_split}")
-        self.download, self.test_split = download, test_split
+        self.test_split = test_split
 
     def _load(self) -> tuple[ArrayDataset, ArrayDataset]:
         if self.test_split is None:

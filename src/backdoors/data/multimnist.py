@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from backdoors.data.dataset import ArrayDataset
 from backdoors.data.mnist import load_mnist
-from backdoors.data.task import TASKS, Task
+from backdoors.data.task import TASKS, DownloadableTask
 
 
 def compose_pairs(left: torch.Tensor, right: torch.Tensor, overlap: int = 8,
@@ -52,7 +52,7 @@ def make_pairs(
 
 
 @TASKS.register("multimnist")
-class MultiMnistTask(Task):
+class MultiMnistTask(DownloadableTask):
     """MultiMNIST as in Blind Backdoors (Bagdasaryan & Shmatikov, arXiv 2005.03823): 100 classes.
 
     Each image pairs two MNIST digits, placed side by side with `overlap` pixels of overlap
@@ -77,7 +77,6 @@ class MultiMnistTask(Task):
         test_size: int = 10000,
         overlap: int = 8,
         seed: int = 0,
-        download: bool = False,
         **common: Any,
     ) -> None:
         super().__init__(**common)
@@ -87,7 +86,7 @@ class MultiMnistTask(Task):
         if not 0 <= overlap < 28:
             raise ValueError(f"overlap must be in 0..27, got {overlap}")
         self.train_size, self.test_size = train_size, test_size
-        self.overlap, self.seed, self.download = overlap, seed, download
+        self.overlap, self.seed = overlap, seed
 
     def _load(self) -> tuple[ArrayDataset, ArrayDataset]:
         train, test = load_mnist(self.data_dir, self.download)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any
 
 from backdoors.data.augment import crop_flip
 from backdoors.data.dataset import Dataset, take_first
@@ -81,3 +82,13 @@ class Task(ABC):
     @property
     def test(self) -> Dataset:
         return self._loaded()[1]
+
+
+class DownloadableTask(Task):
+    """A task read from an official distribution it can also fetch: with `download: true`
+    and a network, a `data_dir` that lacks the files gets the official archive, checked
+    against its published checksum, before anything is read (default: off, offline)."""
+
+    def __init__(self, *, download: bool = False, **common: Any) -> None:
+        super().__init__(**common)
+        self.download = download

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 from backdoors.data.checks import near_miss, reason, require_folder
 from backdoors.data.dataset import ArrayDataset
 from backdoors.data.download import download_file, safe_extract_zip
 from backdoors.data.image_cache import cache_dir, cached_images, decode_parallel, decode_rgb
 from backdoors.data.image_folder import list_images, require_images
-from backdoors.data.task import TASKS, Task
+from backdoors.data.task import TASKS, DownloadableTask
 from backdoors.errors import DataError, did_you_mean
 
 DEFAULT_DIR = Path(".data/tiny-imagenet")
@@ -118,7 +117,7 @@ def load_tiny_imagenet(data_dir: str | Path | None = None,
 
 
 @TASKS.register("tiny_imagenet")
-class TinyImageNetTask(Task):
+class TinyImageNetTask(DownloadableTask):
     """Tiny-ImageNet-200 (Le and Yang, 2015): 200 classes, 100,000 train / 10,000 val, 3x64x64.
 
     "Tiny ImageNet Visual Recognition Challenge" (Stanford CS231N, 2015): a 200-class
@@ -139,14 +138,6 @@ class TinyImageNetTask(Task):
     std = (0.2302, 0.2265, 0.2262)
     default_model = "resnet18"
     default_augment = True
-
-    def __init__(
-        self,
-        download: bool = False,
-        **common: Any,
-    ) -> None:
-        super().__init__(**common)
-        self.download = download
 
     def _load(self) -> tuple[ArrayDataset, ArrayDataset]:
         return load_tiny_imagenet(self.data_dir, self.download)
