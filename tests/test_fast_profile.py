@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
+from support import StopAfter
 
 from backdoors.assembly.artifact import reopen
 from backdoors.assembly.build import build, fingerprint, resolved_config
@@ -22,7 +23,6 @@ from backdoors.data.augment import crop_flip
 from backdoors.data.task import TASKS
 from backdoors.errors import ConfigError
 from backdoors.experiment import Interrupted, run
-from backdoors.hooks import Hook
 from backdoors.models import MODELS
 from backdoors.models.fast_cifar import FastCifar
 from backdoors.runs import RunFolder
@@ -201,13 +201,6 @@ def write_tiny_cifar(root: Path, per_batch: int = 32) -> Path:
     return root
 
 
-class StopAfter(Hook):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, row, model):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 def test_tiny_fast_run_fits_whitening_at_the_start_and_resumes_with_it(tmp_path, one_thread):

@@ -3,36 +3,17 @@ replaces the FedAvg model, Krum stops it, weight scaling, rows, resume, legacy e
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from support import StopAfter, fl, rows
 
 from backdoors.cli import main as cli_main
 from backdoors.config import from_dict
 from backdoors.errors import ConfigError
 from backdoors.experiment import Interrupted, resume, run
-from backdoors.hooks import Hook
 from backdoors.runs import RunFolder
-
-
-def fl(tiny: dict[str, Any], aggregator: str = "original", **federated: Any) -> dict[str, Any]:
-    """Ten participants, five per round, one attacker in round 2 poisoning half of its
-    local data, boosted by N / eta = 5 (model replacement)."""
-    cfg = copy.deepcopy(tiny)
-    cfg["task"] = {"name": "synthetic", "test_size": 256}
-    cfg["model"] = {"name": "tiny_cnn", "width": 8}
-    cfg["attack"] = {"name": "data", "ratio": 0.5}
-    cfg["federated"] = {"rounds": 2, "participants": 10, "per_round": 5, "local_epochs": 1,
-                        "eta": 2, "adversaries": 1, "attack_round": 2, "weight_scale": 5,
-                        "aggregator": aggregator, **federated}
-    return cfg
-
-
-def rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    return [r for r in RunFolder(Path(summary["run_dir"])).rows() if r["kind"] == "round"]
 
 
 def test_replacement_backdoors_fedavg_and_krum_stops_it(tiny, tmp_path):
@@ -81,20 +62,11 @@ def test_weight_scale_multiplies_only_the_attackers_update(tiny, tmp_path):
     assert four["update_norms"][1:] == pytest.approx(one["update_norms"][1:], rel=1e-5)
 
 
-class _StopAfter(Hook):
-    def __init__(self, last: int) -> None:
-        self.last = last
-
-    def on_epoch_end(self, epoch: int, row: dict[str, Any], model: torch.nn.Module) -> None:
-        if epoch == self.last:
-            raise KeyboardInterrupt
-
-
 def test_resume_repeats_an_uninterrupted_run(tiny, tmp_path):
     cfg = from_dict(fl(tiny, "foolsgold"))
     whole = run(cfg, out=tmp_path, name="whole", quiet=True)
     with pytest.raises(Interrupted):
-        run(cfg, out=tmp_path, name="cut", hooks=[_StopAfter(1)], quiet=True)
+        run(cfg, out=tmp_path, name="cut", hooks=[StopAfter(1)], quiet=True)
     assert RunFolder(tmp_path / "cut").read_summary()["status"] == "interrupted"
     resumed = resume(tmp_path / "cut", quiet=True)
     assert [r["round"] for r in rows(resumed)] == [1, 2]

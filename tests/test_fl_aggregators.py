@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_federated_sim import fl, rows
+from support import fl, rows
 from torch import nn
 
 from backdoors.assembly.build import build, resolved_config

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from conftest import TINY
-from test_federated_sim import _StopAfter, fl, rows
+from support import StopAfter, fl, rows
 
 from backdoors.attacks import ATTACKS
 from backdoors.cli import main as cli_main
@@ -307,7 +307,7 @@ def test_stateful_attackers_resume_like_an_uninterrupted_run(tmp_path, name):
                        attacker={"name": name}))
     whole = run(cfg, out=tmp_path, name="whole", quiet=True)
     with pytest.raises(Interrupted):
-        run(cfg, out=tmp_path, name="cut", hooks=[_StopAfter(2)], quiet=True)
+        run(cfg, out=tmp_path, name="cut", hooks=[StopAfter(2)], quiet=True)
     resumed = resume(tmp_path / "cut", quiet=True)
     assert [r["round"] for r in rows(resumed)] == [1, 2, 3]
     for key in ("clean_accuracy", "asr", "max_asr"):

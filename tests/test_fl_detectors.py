@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_federated_sim import fl, rows
+from support import fl, rows
 from torch import Tensor, nn
 
 from backdoors.config import from_dict

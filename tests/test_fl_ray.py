@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_federated_sim import fl, rows
+from support import fl, rows
 
 from backdoors.assembly.build import build
 from backdoors.config import from_dict

@@ -4,7 +4,7 @@ component's config errors, and durability in the summary."""
 from __future__ import annotations
 
 import pytest
-from test_federated_sim import fl, rows
+from support import fl, rows
 
 from backdoors.assembly.build import build
 from backdoors.config import from_dict

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_federated_sim import fl, rows
+from support import fl, rows
 
 from backdoors.config import FederatedConfig, from_dict
 from backdoors.errors import ConfigError

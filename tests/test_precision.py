@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from support import StopAfter
 
 from backdoors.assembly.build import build, fingerprint, resolved_config
 from backdoors.attacks.balancers import MGDABalancer
@@ -19,7 +20,6 @@ from backdoors.errors import ConfigError
 from backdoors.execution import Accelerated, LossScaler, autocast
 from backdoors.execution import compiled as compiled_module
 from backdoors.experiment import Interrupted, resume, run
-from backdoors.hooks import Hook
 from backdoors.runs import RunFolder, load_commit, load_weights, save_commit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,15 +52,12 @@ def test_bf16_trains_as_well_as_fp32(task, blind, tmp_path, one_thread):
     assert fp32["asr"] > 0.9 and bf16["asr"] > 0.9
 
 
-class StopAfter(Hook):
-    def on_epoch_end(self, epoch, row, model):
-        raise KeyboardInterrupt
 
 
 def test_fp16_scaler_state_is_checkpointed_and_restored(blind, tmp_path, one_thread):
     blind["train"].update(precision="fp16", max_batches=2, epochs=2)
     with pytest.raises(Interrupted):
-        run(from_dict(blind), out=tmp_path, name="part", hooks=[StopAfter()], quiet=True)
+        run(from_dict(blind), out=tmp_path, name="part", hooks=[StopAfter(1)], quiet=True)
     folder = RunFolder(tmp_path / "part")
     commit = load_commit(folder)
     assert commit is not None and commit["loop"]["scaler"]["scale"] == 65536.0

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from support import StopAfter
 
 from backdoors.cli import main
 from backdoors.config import from_dict
 from backdoors.experiment import Interrupted, resume, run
-from backdoors.hooks import Hook
 from backdoors.runs import RunFolder, load_weights
 
 EPOCHS = 4
@@ -40,13 +40,6 @@ def same_metrics(a: list[dict], b: list[dict]) -> bool:
     return [{k: r[k] for k in keys} for r in a] == [{k: r[k] for k in keys} for r in b]
 
 
-class StopAfter(Hook):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, row, model):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(config, tmp_path):
