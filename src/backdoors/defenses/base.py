@@ -83,7 +83,16 @@ class Defense(ABC):
 
 
 class InputDetector(Defense):
-    """Scores test-time inputs: higher = more likely triggered (STRIP, SentiNet, ...)."""
+    """Scores test-time inputs: higher = more likely triggered (STRIP, SentiNet, ...).
+
+    The stage judges a detector by its scores alone (AUROC, TPR at 5% FPR, the
+    clean/triggered histogram). A detector that calibrates on the clean budget (SCALE-UP's
+    class statistics, IBD-PSC's layer selection, Beatrix's ranges) may also fill
+    `self.figures` (into result.json) and `self.artifacts` (PNGs), the numbers a person
+    checks when a detection fails. It may `keep` something per scored input (TeCo's
+    first-flip severities, Cognitive Distillation's patterns); once scored, `describe`
+    gets it with the inputs marked clean or triggered, to show what tells them apart.
+    """
 
     stage = "input"
 
@@ -95,6 +104,9 @@ class InputDetector(Defense):
         if test_inputs is not None and test_inputs < 1:  # the registry checks the type
             raise ValueError(f"test_inputs must be a positive integer, got {test_inputs!r}")
         self.test_inputs = test_inputs
+        self.figures: dict[str, Any] = {}
+        self.artifacts: dict[str, Tensor] = {}
+        self._kept: list[Tensor] | None = None
 
     def fit(self, model: nn.Module, data: DefenseData) -> None:  # noqa: B027 - optional
         """Calibrate on the clean budget before scoring (optional)."""
@@ -103,12 +115,29 @@ class InputDetector(Defense):
     def score(self, model: nn.Module, x: Tensor) -> Tensor:
         """Suspicion per input of the pixel batch x."""
 
+    def keep(self, values: Tensor) -> None:
+        """Record `values` [N, ...] of the N inputs just scored (only while measuring)."""
+        if self._kept is not None:
+            self._kept.append(values.detach().cpu())
+
+    def describe(self, kept: Tensor, positive: Tensor) -> None:  # noqa: B027 - optional
+        """Turn what `score` kept, one row per scored input in scoring order, into
+        figures and artifacts; `positive` marks the triggered inputs."""
+
     def measure(self, model: nn.Module, data: DefenseData, target: DefenseTarget,
                 before: dict[str, Any]) -> Outcome:
         self.fit(model, data)
-        figures, scores, positive = input_detection(self.score, model, target, data.progress,
-                                                    self.test_inputs)
-        return Outcome(figures=figures, artifacts={"scores": scores, "positive": positive})
+        self._kept = []
+        try:
+            figures, scores, positive = input_detection(self.score, model, target,
+                                                        data.progress, self.test_inputs)
+            kept = self._kept
+        finally:
+            self._kept = None
+        if kept:
+            self.describe(torch.cat(kept), positive)
+        return Outcome(figures={**figures, **self.figures},
+                       artifacts={"scores": scores, "positive": positive, **self.artifacts})
 
 
 class DatasetSanitizer(Defense):

@@ -8,9 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from backdoors.defenses.base import DEFENSES, DefenseData
+from backdoors.defenses.base import DEFENSES, DefenseData, InputDetector
 from backdoors.defenses.layers import capture, stage_outputs
-from backdoors.defenses.reporting import ReportingDetector
 from backdoors.errors import ConfigError
 
 EPS = 1e-6  # the official code's guard against bounds at zero
@@ -45,7 +44,7 @@ def deviation(g: Tensor, low: Tensor, high: Tensor) -> Tensor:
 
 
 @DEFENSES.register("beatrix")
-class Beatrix(ReportingDetector):
+class Beatrix(InputDetector):
     """Beatrix (NDSS 2023, arXiv 2209.11715): Gram-matrix deviations of a feature layer.
 
     Ma, Wang, Sun, Xue, Wen, Xiang, "The Beatrix Resurrections: Robust Backdoor Detection

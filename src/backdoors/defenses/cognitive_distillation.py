@@ -7,8 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from backdoors.defenses.base import DEFENSES, DefenseData
-from backdoors.defenses.reporting import ReportingDetector
+from backdoors.defenses.base import DEFENSES, DefenseData, InputDetector
 
 SHOWN = 8  # cognitive patterns drawn per kind of input
 
@@ -35,7 +34,7 @@ def distillation_loss(out: Tensor, target: Tensor, mask: Tensor, alpha: float, b
 
 
 @DEFENSES.register("cognitive_distillation")
-class CognitiveDistillation(ReportingDetector):
+class CognitiveDistillation(InputDetector):
     """Cognitive Distillation (ICLR 2023, arXiv 2301.10908): the size of the minimal pattern
     that keeps the model's output.
 

@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from backdoors.defenses.base import DEFENSES, DefenseData
-from backdoors.defenses.reporting import ReportingDetector
+from backdoors.defenses.base import DEFENSES, DefenseData, InputDetector
 from backdoors.defenses.training import predict
 from backdoors.errors import ConfigError
 
@@ -62,7 +61,7 @@ def psc_strength(log_probs: Tensor, pred: Tensor) -> Tensor:
 
 
 @DEFENSES.register("ibd_psc")
-class IbdPsc(ReportingDetector):
+class IbdPsc(InputDetector):
     """IBD-PSC (ICML 2024, arXiv 2405.09786): parameter-oriented scaling consistency.
 
     Hou, Feng, Hua, Luo, Zhang, Li, "IBD-PSC: Input-level Backdoor Detection via

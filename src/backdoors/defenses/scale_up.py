@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from backdoors.defenses.base import DEFENSES, DefenseData
-from backdoors.defenses.reporting import ReportingDetector
+from backdoors.defenses.base import DEFENSES, DefenseData, InputDetector
 from backdoors.defenses.training import predict
 
 # SPC takes values in steps of 1 / len(scales); a class whose clean-budget SPC values are
@@ -55,7 +54,7 @@ def standardize(spc: Tensor, pred: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 
 
 @DEFENSES.register("scale_up")
-class ScaleUp(ReportingDetector):
+class ScaleUp(InputDetector):
     """SCALE-UP (ICLR 2023, arXiv 2302.03251): scaled prediction consistency.
 
     Guo, Li, Chen, Guo, Sun, Liu, "SCALE-UP: An Efficient Black-box Input-level Backdoor

@@ -8,9 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from backdoors.defenses.base import DEFENSES, DefenseData
+from backdoors.defenses.base import DEFENSES, DefenseData, InputDetector
 from backdoors.defenses.corruptions import CORRUPTIONS, corrupt
-from backdoors.defenses.reporting import ReportingDetector
 
 SEVERITIES = 5
 
@@ -32,7 +31,7 @@ def deviation(flips: Tensor) -> Tensor:
 
 
 @DEFENSES.register("teco")
-class TeCo(ReportingDetector):
+class TeCo(InputDetector):
     """TeCo (CVPR 2023, arXiv 2303.18191): corruption robustness consistency.
 
     Liu, Li, Wang, Hu, Ye, Jin, Wu, Xiao, "Detecting Backdoors During the Inference Stage
