@@ -20,6 +20,10 @@ attack, detection precision / recall pooled over rounds, and the mean round time
 
     python benchmarks/fl_catalogue.py [--attackers a,b] [--aggregators x,y]
                                       [--pairs attacker:rule,...] [--out FILE.md]
+                                      [--json FILE.json]
+
+With `--json` the grid is resumable: the same command again keeps the cells the file
+holds and runs the rest (the warm-up is retrained, identically, for a given seed).
 """
 
 from __future__ import annotations
@@ -174,7 +178,9 @@ def main() -> None:
     parser.add_argument("--aggregators", default=None, help="comma-separated rule names")
     parser.add_argument("--pairs", default=None,
                         help="only these attacker:aggregator cells, comma-separated")
-    parser.add_argument("--json", type=Path, default=None, help="also write raw figures")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write raw figures here after every cell; cells already "
+                             "in this file are kept, not run again (a stopped grid resumes)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/fl_catalogue.md")
     args = parser.parse_args()
     data_dir = mnist_split_dir()
@@ -183,7 +189,7 @@ def main() -> None:
     aggregators = {k: v for k, v in AGGREGATORS.items()
                    if args.aggregators is None or key(v) in args.aggregators.split(",")}
     total = 1 + args.attack_rounds + args.after
-    results: dict[tuple[str, str], dict] = {}
+    results = earlier(args.json)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         warm = run(from_dict(config(data_dir, {"name": "fedavg"}, None, args.warmup,
@@ -207,6 +213,9 @@ def main() -> None:
             for g_label, agg in aggregators.items():
                 if wanted and (attacker_key(attacker), key(agg)) not in wanted:
                     continue
+                if (a_label, g_label) in results:
+                    print(f"{a_label} x {g_label}: kept from {args.json}", flush=True)
+                    continue
                 try:
                     summary = run(from_dict(config(data_dir, agg, attacker, total, weights,
                                                    args, norm)), out=tmp, quiet=True)
@@ -223,6 +232,19 @@ def main() -> None:
                 write(args, report(args, warm, norm, base, clean_base, results, attackers,
                                    aggregators), results)
     print(args.out.read_text() if args.out.exists() else "no cell ran")
+
+
+def earlier(path: Path | None) -> dict[tuple[str, str], dict]:
+    """The cells a previous invocation wrote to `path` (none if it does not exist yet)."""
+    if path is None or not path.exists():
+        return {}
+    cells = {}
+    for label, c in json.loads(path.read_text()).items():
+        a_label, g_label = label.split(" x ", 1)
+        if "after" in c:  # JSON turned the rounds-after keys into strings
+            c["after"] = {int(k): v for k, v in c["after"].items()}
+        cells[(a_label, g_label)] = c
+    return cells
 
 
 def write(args: argparse.Namespace, text: str, results: dict[tuple[str, str], dict]) -> None:
